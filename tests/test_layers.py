@@ -22,10 +22,14 @@ def assert_close(name, ref, out, tol):
 
 # --- token_shift -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("B, T, C, with_prev", [
-    pytest.param(*t, id="B{}-T{}-C{}-prev{}".format(*t))
-    for t in [(1, 1, 8, False), (1, 1, 8, True), (2, 15, 24, False), (3, 15, 24, True), (2, 2, 5, True)]
-])
+
+@pytest.mark.parametrize(
+    "B, T, C, with_prev",
+    [
+        pytest.param(*t, id="B{}-T{}-C{}-prev{}".format(*t))
+        for t in [(1, 1, 8, False), (1, 1, 8, True), (2, 15, 24, False), (3, 15, 24, True), (2, 2, 5, True)]
+    ],
+)
 def test_token_shift(B, T, C, with_prev):
     x = torch.randn(B, T, C)
     prev = torch.randn(B, C) if with_prev else None
@@ -45,6 +49,7 @@ def test_token_shift_chains():
 
 # --- q_shift -----------------------------------------------------------------------------------------------
 
+
 def q_shift_loop(x, H, W, s, heads):
     """Per pixel and channel: look up the neighbour that the channel's quarter of its head points at."""
     B, _, C = x.shape
@@ -62,11 +67,21 @@ def q_shift_loop(x, H, W, s, heads):
     return out
 
 
-@pytest.mark.parametrize("B, H, W, C, s, heads", [
-    pytest.param(*t, id="B{}-H{}-W{}-C{}-s{}-heads{}".format(*t))
-    for t in [(2, 3, 5, 8, 1, 1), (1, 4, 3, 12, 1, 1), (2, 3, 5, 16, 1, 2), (1, 5, 4, 24, 2, 3),
-              (1, 2, 3, 8, 4, 1), (1, 1, 1, 4, 1, 1), (2, 4, 4, 16, 0, 2)]
-])
+@pytest.mark.parametrize(
+    "B, H, W, C, s, heads",
+    [
+        pytest.param(*t, id="B{}-H{}-W{}-C{}-s{}-heads{}".format(*t))
+        for t in [
+            (2, 3, 5, 8, 1, 1),
+            (1, 4, 3, 12, 1, 1),
+            (2, 3, 5, 16, 1, 2),
+            (1, 5, 4, 24, 2, 3),
+            (1, 2, 3, 8, 4, 1),
+            (1, 1, 1, 4, 1, 1),
+            (2, 4, 4, 16, 0, 2),
+        ]
+    ],
+)
 def test_q_shift(B, H, W, C, s, heads):
     x = torch.randn(B, H * W, C)
     out = q_shift(x, (H, W), shift_pixel=s, heads=heads)
@@ -84,11 +99,14 @@ def test_q_shift_grad():
     assert torch.autograd.gradcheck(lambda t: q_shift(t, (2, 3), heads=2), (x,))
 
 
-@pytest.mark.parametrize("shape, resolution, heads, match", [
-    pytest.param((1, 12, 8), (3, 5), 1, "resolution", id="bad-resolution"),
-    pytest.param((1, 12, 10), (3, 4), 1, "multiple of 4", id="C10-heads1"),
-    pytest.param((1, 12, 16), (3, 4), 3, "multiple of 4", id="C16-heads3"),
-])
+@pytest.mark.parametrize(
+    "shape, resolution, heads, match",
+    [
+        pytest.param((1, 12, 8), (3, 5), 1, "resolution", id="bad-resolution"),
+        pytest.param((1, 12, 10), (3, 4), 1, "multiple of 4", id="C10-heads1"),
+        pytest.param((1, 12, 16), (3, 4), 3, "multiple of 4", id="C16-heads3"),
+    ],
+)
 def test_q_shift_errors(shape, resolution, heads, match):
     with pytest.raises(ValueError, match=match):
         q_shift(torch.randn(shape), resolution, heads=heads)
@@ -99,11 +117,18 @@ def test_q_shift_errors(shape, resolution, heads, match):
 ACTS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "none": None}
 
 
-@pytest.mark.parametrize("shape, C, D, C_out, act", [
-    pytest.param(*t, id="x{}-C{}-D{}-Cout{}-{}".format(*t))
-    for t in [((2, 7), 24, 8, 24, "tanh"), ((1, 1), 64, 32, 64, "sigmoid"), ((3, 5), 40, 6, 17, "none"),
-              ((9,), 16, 4, 16, "tanh")]
-])
+@pytest.mark.parametrize(
+    "shape, C, D, C_out, act",
+    [
+        pytest.param(*t, id="x{}-C{}-D{}-Cout{}-{}".format(*t))
+        for t in [
+            ((2, 7), 24, 8, 24, "tanh"),
+            ((1, 1), 64, 32, 64, "sigmoid"),
+            ((3, 5), 40, 6, 17, "none"),
+            ((9,), 16, 4, 16, "tanh"),
+        ]
+    ],
+)
 def test_low_rank(shape, C, D, C_out, act):
     x, w1, w2 = torch.randn(*shape, C), torch.randn(C, D) * 0.3, torch.randn(D, C_out) * 0.3
     h = torch.einsum("...c,cd->...d", x.double(), w1.double())
@@ -112,27 +137,39 @@ def test_low_rank(shape, C, D, C_out, act):
     assert_close("low_rank", ref, low_rank(x, w1, w2, ACTS[act]), 1e-6)
 
 
-@pytest.mark.parametrize("shape, C, K, D, act", [
-    pytest.param(*t, id="x{}-C{}-K{}-D{}-{}".format(*t))
-    for t in [((2, 7), 24, 5, 8, "tanh"), ((1, 1), 64, 5, 32, "tanh"), ((3, 4), 20, 3, 6, "none")]
-])
+@pytest.mark.parametrize(
+    "shape, C, K, D, act",
+    [
+        pytest.param(*t, id="x{}-C{}-K{}-D{}-{}".format(*t))
+        for t in [((2, 7), 24, 5, 8, "tanh"), ((1, 1), 64, 5, 32, "tanh"), ((3, 4), 20, 3, 6, "none")]
+    ],
+)
 def test_low_rank_multi(shape, C, K, D, act):
     x, w1, w2 = torch.randn(*shape, C), torch.randn(C, K * D) * 0.3, torch.randn(K, D, C) * 0.3
     out = low_rank_multi(x, w1, w2, ACTS[act])
     assert out.shape == (K, *shape, C)
     for k in range(K):  # chunk k of the shared down projection feeds up projection k
-        h = x.double() @ w1[:, k * D:(k + 1) * D].double()
+        h = x.double() @ w1[:, k * D : (k + 1) * D].double()
         h = torch.tanh(h) if act == "tanh" else h
         assert_close(f"low_rank_multi[{k}]", h @ w2[k].double(), out[k], 1e-6)
 
 
 # --- head_group_norm ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape, H, eps", [
-    pytest.param(*t, id="x{}-H{}-eps{}".format(*t))
-    for t in [((1, 1, 768), 12, 64e-5), ((3, 17, 128), 2, 64e-5), ((2, 33, 96), 3, 1e-5),
-              ((50, 60), 5, 64e-5), ((4, 1, 256), 4, 64e-5)]
-])
+
+@pytest.mark.parametrize(
+    "shape, H, eps",
+    [
+        pytest.param(*t, id="x{}-H{}-eps{}".format(*t))
+        for t in [
+            ((1, 1, 768), 12, 64e-5),
+            ((3, 17, 128), 2, 64e-5),
+            ((2, 33, 96), 3, 1e-5),
+            ((50, 60), 5, 64e-5),
+            ((4, 1, 256), 4, 64e-5),
+        ]
+    ],
+)
 def test_head_group_norm(shape, H, eps):
     C = shape[-1]
     x = torch.randn(shape) * 3.0 + torch.randn(C)  # per-channel offsets, so the mean matters
@@ -165,10 +202,19 @@ def test_head_group_norm_error():
 
 # --- ChannelMix --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dim, hidden, gate, key_norm", [
-    pytest.param(*t, id="C{}-F{}-gate{}-key_norm{}".format(*t))
-    for t in [(32, 128, True, False), (32, 112, False, False), (24, 96, True, True), (16, 64, False, True)]
-])
+
+@pytest.mark.parametrize(
+    "dim, hidden, gate, key_norm",
+    [
+        pytest.param(*t, id="C{}-F{}-gate{}-key_norm{}".format(*t))
+        for t in [
+            (32, 128, True, False),
+            (32, 112, False, False),
+            (24, 96, True, True),
+            (16, 64, False, True),
+        ]
+    ],
+)
 def test_channel_mix(dim, hidden, gate, key_norm):
     m = ChannelMix(dim, hidden, gate=gate, key_norm=key_norm, dtype=torch.float64)
     expected = {"key.weight", "value.weight"} | ({"receptance.weight"} if gate else set())

@@ -20,11 +20,14 @@ def random_state(version, L=3, B=5, C=32, head_size=8, dtype=torch.float32):
     return RWKVState(version, [{n: torch.randn_like(t) for n, t in layer.items()} for layer in zeros.layers])
 
 
-@pytest.mark.parametrize("version, names", [
-    pytest.param("v4", ["att_shift", "num", "den", "max", "ffn_shift"], id="v4"),
-    pytest.param("v5", ["att_shift", "wkv", "ffn_shift"], id="v5"),
-    pytest.param("v7", ["att_shift", "wkv", "ffn_shift"], id="v7"),
-])
+@pytest.mark.parametrize(
+    "version, names",
+    [
+        pytest.param("v4", ["att_shift", "num", "den", "max", "ffn_shift"], id="v4"),
+        pytest.param("v5", ["att_shift", "wkv", "ffn_shift"], id="v5"),
+        pytest.param("v7", ["att_shift", "wkv", "ffn_shift"], id="v7"),
+    ],
+)
 def test_zeros_layout(version, names):
     s = RWKVState.zeros(version, num_layers=2, batch_size=3, dim=24, head_size=8, dtype=torch.bfloat16)
     assert s.batch_size == 3 and len(s.layers) == 2
@@ -57,11 +60,14 @@ def test_select_concat_roundtrip(version):
     assert s.select(mask).equal(s.select([0, 2]))
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param(lambda s: s.clone(), id="clone"),
-    pytest.param(lambda s: s.select(range(s.batch_size)), id="select"),
-    pytest.param(lambda s: RWKVState.concat([s]), id="concat"),
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param(lambda s: s.clone(), id="clone"),
+        pytest.param(lambda s: s.select(range(s.batch_size)), id="select"),
+        pytest.param(lambda s: RWKVState.concat([s]), id="concat"),
+    ],
+)
 def test_copies_do_not_alias(method):
     s = random_state("v7")
     before = s.clone()
@@ -88,11 +94,19 @@ def test_to_keeps_recurrent_fp32():
     assert s.to("cpu").equal(s)
 
 
-@pytest.mark.parametrize("version, dtype", [
-    pytest.param(v, d, id=f"{v}-{str(d).removeprefix('torch.')}")
-    for v, d in [("v4", torch.float32), ("v5", torch.float32), ("v6", torch.bfloat16), ("v7", torch.float16),
-                 ("v7", torch.float64)]
-])
+@pytest.mark.parametrize(
+    "version, dtype",
+    [
+        pytest.param(v, d, id=f"{v}-{str(d).removeprefix('torch.')}")
+        for v, d in [
+            ("v4", torch.float32),
+            ("v5", torch.float32),
+            ("v6", torch.bfloat16),
+            ("v7", torch.float16),
+            ("v7", torch.float64),
+        ]
+    ],
+)
 def test_save_load_roundtrip(tmp_path, version, dtype):
     s = random_state(version, dtype=dtype)
     path = tmp_path / "state.safetensors"
@@ -143,17 +157,27 @@ def test_equal():
     assert not s.equal(RWKVState(s.version, s.layers[:2]))
 
 
-@pytest.mark.parametrize("make, match", [
-    pytest.param(lambda: RWKVState("v8", [{}]), "version", id="unknown-version"),
-    pytest.param(lambda: RWKVState("v7", []), "at least one layer", id="no-layers"),
-    pytest.param(lambda: RWKVState("v7", random_state("v4").layers), "needs", id="wrong-names"),
-    pytest.param(lambda: RWKVState("v7", [dict(random_state("v7").layers[0], ffn_shift=torch.zeros(4, 32))]),
-                 "batch size 5", id="batch-mismatch"),
-    pytest.param(lambda: RWKVState.concat([random_state("v7"), random_state("v6")]), "cannot concat",
-                 id="concat-versions"),
-    pytest.param(lambda: RWKVState.zeros("v7", 1, 1, 30, head_size=8), "multiple of head_size",
-                 id="zeros-dim"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        pytest.param(lambda: RWKVState("v8", [{}]), "version", id="unknown-version"),
+        pytest.param(lambda: RWKVState("v7", []), "at least one layer", id="no-layers"),
+        pytest.param(lambda: RWKVState("v7", random_state("v4").layers), "needs", id="wrong-names"),
+        pytest.param(
+            lambda: RWKVState("v7", [dict(random_state("v7").layers[0], ffn_shift=torch.zeros(4, 32))]),
+            "batch size 5",
+            id="batch-mismatch",
+        ),
+        pytest.param(
+            lambda: RWKVState.concat([random_state("v7"), random_state("v6")]),
+            "cannot concat",
+            id="concat-versions",
+        ),
+        pytest.param(
+            lambda: RWKVState.zeros("v7", 1, 1, 30, head_size=8), "multiple of head_size", id="zeros-dim"
+        ),
+    ],
+)
 def test_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()

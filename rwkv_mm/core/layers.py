@@ -43,10 +43,10 @@ def token_shift(x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tens
 
 
 def q_shift(
-        x: torch.Tensor,
-        resolution: tuple[int, int],
-        shift_pixel: int = 1,
-        heads: int = 1,
+    x: torch.Tensor,
+    resolution: tuple[int, int],
+    shift_pixel: int = 1,
+    heads: int = 1,
 ) -> torch.Tensor:
     """Vision-RWKV's Q-Shift: each channel quarter takes a neighbouring patch (zero padded).
 
@@ -74,18 +74,18 @@ def q_shift(
     sh, sw = min(shift_pixel, H), min(shift_pixel, W)
     xv = x.reshape(B, H, W, heads, 4, C // (4 * heads))  # (B, H, W, heads, quarter, g)
     out = torch.zeros_like(xv)
-    out[:, :, sw:, :, 0] = xv[:, :, :W - sw, :, 0]  # from the left neighbour
-    out[:, :, :W - sw, :, 1] = xv[:, :, sw:, :, 1]  # from the right neighbour
-    out[:, sh:, :, :, 2] = xv[:, :H - sh, :, :, 2]  # from the neighbour above
-    out[:, :H - sh, :, :, 3] = xv[:, sh:, :, :, 3]  # from the neighbour below
+    out[:, :, sw:, :, 0] = xv[:, :, : W - sw, :, 0]  # from the left neighbour
+    out[:, :, : W - sw, :, 1] = xv[:, :, sw:, :, 1]  # from the right neighbour
+    out[:, sh:, :, :, 2] = xv[:, : H - sh, :, :, 2]  # from the neighbour above
+    out[:, : H - sh, :, :, 3] = xv[:, sh:, :, :, 3]  # from the neighbour below
     return out.view(B, T, C)
 
 
 def low_rank(
-        x: torch.Tensor,
-        w1: torch.Tensor,
-        w2: torch.Tensor,
-        act: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Low-rank projection `act(x @ w1) @ w2` (the RWKV-6/7 "LoRA" terms).
 
@@ -108,10 +108,10 @@ def low_rank(
 
 
 def low_rank_multi(
-        x: torch.Tensor,
-        w1: torch.Tensor,
-        w2: torch.Tensor,
-        act: Callable[[torch.Tensor], torch.Tensor] | None = torch.tanh,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor] | None = torch.tanh,
 ) -> torch.Tensor:
     """K low-rank projections sharing one down projection: RWKV-6's `time_maa_w1` / `time_maa_w2`.
 
@@ -135,11 +135,11 @@ def low_rank_multi(
 
 
 def head_group_norm(
-        x: torch.Tensor,
-        num_heads: int,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        eps: float = 64e-5,
+    x: torch.Tensor,
+    num_heads: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 64e-5,
 ) -> torch.Tensor:
     """Per-head GroupNorm over the channels of every token (RWKV's `ln_x`).
 
@@ -177,13 +177,13 @@ class ChannelMix(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            hidden: int,
-            gate: bool = True,
-            key_norm: bool = False,
-            device=None,
-            dtype=None,
+        self,
+        dim: int,
+        hidden: int,
+        gate: bool = True,
+        key_norm: bool = False,
+        device=None,
+        dtype=None,
     ):
         """
         Args:

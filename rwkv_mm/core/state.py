@@ -69,25 +69,27 @@ class RWKVState:
         names = LAYOUTS[self.version]
         for i, layer in enumerate(self.layers):
             if set(layer) != set(names):
-                raise ValueError(f"layer {i} of a {self.version} state needs {list(names)}, "
-                                 f"got {list(layer)}")
+                raise ValueError(
+                    f"layer {i} of a {self.version} state needs {list(names)}, got {list(layer)}"
+                )
         B = self.batch_size
         for i, layer in enumerate(self.layers):
             for name, t in layer.items():
                 if t.dim() == 0 or t.shape[0] != B:
-                    raise ValueError(f"layer {i} {name} has shape {list(t.shape)}, "
-                                     f"expected batch size {B} on dim 0")
+                    raise ValueError(
+                        f"layer {i} {name} has shape {list(t.shape)}, expected batch size {B} on dim 0"
+                    )
 
     @classmethod
     def zeros(
-            cls,
-            version: str,
-            num_layers: int,
-            batch_size: int,
-            dim: int,
-            head_size: int = 64,
-            device: torch.device | str | None = None,
-            dtype: torch.dtype = torch.float32,
+        cls,
+        version: str,
+        num_layers: int,
+        batch_size: int,
+        dim: int,
+        head_size: int = 64,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> "RWKVState":
         """The initial state: zeros (v4 `max`: -1e30).
 
@@ -110,9 +112,12 @@ class RWKVState:
         for _ in range(num_layers):
             layer = {}
             for name in LAYOUTS[version]:
-                layer[name] = torch.full(wkv_shape if name == "wkv" else (batch_size, dim),
-                                         -1e30 if name == "max" else 0.0,
-                                         device=device, dtype=rdt if name in RECURRENT else dtype)
+                layer[name] = torch.full(
+                    wkv_shape if name == "wkv" else (batch_size, dim),
+                    -1e30 if name == "max" else 0.0,
+                    device=device,
+                    dtype=rdt if name in RECURRENT else dtype,
+                )
             layers.append(layer)
         return cls(version, layers)
 
@@ -139,10 +144,14 @@ class RWKVState:
         first = states[0]
         for s in states[1:]:
             if s.version != first.version or len(s.layers) != len(first.layers):
-                raise ValueError(f"cannot concat a {s.version} state of {len(s.layers)} layers with a "
-                                 f"{first.version} state of {len(first.layers)} layers")
-        layers = [{n: torch.cat([s.layers[i][n] for s in states]) for n in layer}
-                  for i, layer in enumerate(first.layers)]
+                raise ValueError(
+                    f"cannot concat a {s.version} state of {len(s.layers)} layers with a "
+                    f"{first.version} state of {len(first.layers)} layers"
+                )
+        layers = [
+            {n: torch.cat([s.layers[i][n] for s in states]) for n in layer}
+            for i, layer in enumerate(first.layers)
+        ]
         return cls(first.version, layers)
 
     def clone(self) -> "RWKVState":
@@ -156,10 +165,12 @@ class RWKVState:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "RWKVState":
         """Moves every tensor to `device`; casts the shift tensors to `dtype` and keeps the recurrent ones
         float32 (float64 if dtype is float64)."""
+
         def cast(name: str, t: torch.Tensor) -> torch.Tensor:
             if dtype is None:
                 return t.to(device)
             return t.to(device, _recurrent_dtype(dtype) if name in RECURRENT else dtype)
+
         return self._map(cast)
 
     def stack(self, name: str) -> torch.Tensor:
@@ -183,10 +194,17 @@ class RWKVState:
 
     def save(self, path: str | PathLike) -> None:
         """Writes a safetensors file: tensors `layers.{i}.{name}`, metadata format / version / layout."""
-        tensors = {f"layers.{i}.{n}": t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-                   for i, layer in enumerate(self.layers) for n, t in layer.items()}
-        metadata = {"format": FORMAT, "version": self.version, "num_layers": str(len(self.layers)),
-                    "layout": FILE_LAYOUT[self.version]}
+        tensors = {
+            f"layers.{i}.{n}": t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            for i, layer in enumerate(self.layers)
+            for n, t in layer.items()
+        }
+        metadata = {
+            "format": FORMAT,
+            "version": self.version,
+            "num_layers": str(len(self.layers)),
+            "layout": FILE_LAYOUT[self.version],
+        }
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
@@ -195,20 +213,25 @@ class RWKVState:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an rwkv_mm state file (format {metadata.get('format')!r}, "
-                                 f"expected {FORMAT!r})")
+                raise ValueError(
+                    f"{path} is not an rwkv_mm state file (format {metadata.get('format')!r}, "
+                    f"expected {FORMAT!r})"
+                )
             version, num_layers = metadata["version"], int(metadata["num_layers"])
             if version not in LAYOUTS:
                 raise ValueError(f"{path} holds an unknown state version {version!r}")
             names = LAYOUTS[version]
             keys = {f"layers.{i}.{n}" for i in range(num_layers) for n in names}
             if keys != set(f.keys()):
-                raise ValueError(f"{path}: tensors {sorted(set(f.keys()) ^ keys)} do not fit a "
-                                 f"{num_layers}-layer {version} state")
+                raise ValueError(
+                    f"{path}: tensors {sorted(set(f.keys()) ^ keys)} do not fit a "
+                    f"{num_layers}-layer {version} state"
+                )
             layers = [{n: f.get_tensor(f"layers.{i}.{n}") for n in names} for i in range(num_layers)]
         return cls(version, layers)
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{n} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-                           for n, t in self.layers[0].items())
+        shapes = ", ".join(
+            f"{n} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in self.layers[0].items()
+        )
         return f"RWKVState(version={self.version!r}, layers={len(self.layers)}, {shapes})"
