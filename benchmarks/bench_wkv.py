@@ -19,7 +19,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_mm.core import ops  # noqa: E402
-from tests.wkv_inputs import biwkv_inputs, wkv4_inputs, wkv6_inputs, wkv7_inputs  # noqa: E402
+from tests.wkv_inputs import (  # noqa: E402
+    biwkv_inputs,
+    cast_inputs,
+    wkv4_inputs,
+    wkv6_inputs,
+    wkv7_inputs,
+)
 
 
 def dense_biwkv(
@@ -47,6 +53,14 @@ def dense_biwkv(
     return out
 
 
+def relative_error(fn: Callable, x: dict) -> str:
+    """max |y_fp32 - y_fp64| / max |y_fp64| of the torch form against the float64 per-token reference."""
+    y = fn(**x, backend="torch")
+    y_ref = fn(**cast_inputs(x, torch.float64), backend="reference")
+    y, y_ref = (y[0], y_ref[0]) if isinstance(y, tuple) else (y, y_ref)
+    return f"{((y.double() - y_ref).abs().max() / y_ref.abs().max()).item():.1e}"
+
+
 def best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Minimum wall time of each function over ``repeats`` interleaved rounds."""
     best = dict.fromkeys(fns, float("inf"))
@@ -61,7 +75,7 @@ def best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     f32 = torch.float32
@@ -73,9 +87,8 @@ def main() -> None:
         ("biwkv", "B1 T4096 C192", "dense TxT", biwkv_inputs(1, 4096, 192, f32), 100.0),
     ]
     print(f"torch {torch.__version__}, {args.threads} thread(s), float32, forward, min of {args.repeats}")
-    header = "| op | shape | peer | peer ms | torch (chunked) ms | ratio | target |"
-    print(header)
-    print("|---|---|---|---|---|---|---|")
+    print("| op | shape | peer | peer ms | torch (chunked) ms | ratio | target | fp32 err vs fp64 ref |")
+    print("|---|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for op, shape, peer_name, x, target in cases:
             fn = getattr(ops, op)
@@ -88,7 +101,17 @@ def main() -> None:
             ms = best_ms({"peer": peer, "fast": fast}, repeats)
             ratio = ms["peer"] / ms["fast"]
             goal = f">= {target:g}x {'met' if ratio >= target else 'MISSED'}" if target else "-"
-            cells = (op, shape, peer_name, f"{ms['peer']:.1f}", f"{ms['fast']:.2f}", f"{ratio:.1f}x", goal)
+            err = relative_error(fn, x)
+            cells = (
+                op,
+                shape,
+                peer_name,
+                f"{ms['peer']:.1f}",
+                f"{ms['fast']:.2f}",
+                f"{ratio:.1f}x",
+                goal,
+                err,
+            )
             print("| " + " | ".join(cells) + " |")
 
 

@@ -27,7 +27,9 @@ from .reference import (
 __all__ = ["biwkv", "wkv4", "wkv6", "wkv7"]
 
 # Largest cumulative log decay a factorised chunk may hold: its factors e^{±G} stay within e^{±60} in
-# fp32 (far from overflow and from denormals) and e^{±700} in fp64.
+# fp32 (far from overflow and from denormals) and e^{±700} in fp64. Measured wkv7 fp32 error (max|Δy| /
+# max|y| vs fp64, T=1024, N=64) with every w at the RWKV-7 bound -0.6065: L=16 2.4e-7, 32 3.7e-7,
+# 64 1.1e-6, 128 1.0e-6, 160 NaN (e^{97} overflows) -- the guard allows L <= 98 at the bound.
 _FACTORISED_SPREAD = {torch.float32: 60.0, torch.float64: 1400.0}
 # wkv7 chunks processed together: enough work per torch call, intermediates still in cache. Measured
 # at B=1, T=1024, H=12, N=64, fp32, 1 thread (the per-token loop ~98 ms): L=16 and 4 chunks per
