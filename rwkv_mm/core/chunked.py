@@ -241,24 +241,7 @@ def wkv6(
     state: Tensor | None = None,
     chunk_len: int = 32,
 ) -> tuple[Tensor, Tensor]:
-    """RWKV-5/6 WKV, chunked; same result as ``naive_wkv6`` to rounding, for any finite input.
-
-    Per token, with the state before the update:
-    ``y_t[i] = sum_j r_t[j] (S[i, j] + u[j] k_t[j] v_t[i])``, then
-    ``S[i, j] = S[i, j] e^{w_t[j]} + v_t[i] k_t[j]``.
-
-    Args:
-        r: [B, T, H, N] receptance.
-        w: [B, T, H, N] log decay (RWKV-6), or [H, N] for a time-constant decay (RWKV-5).
-        k: [B, T, H, N] key.
-        v: [B, T, H, N] value.
-        u: [H, N] bonus of the current token.
-        state: [B, H, N, N] initial state S[b, h, i, j] (i = value, j = key index); zeros when None.
-        chunk_len: tokens per chunk, a power of two. Defaults to 32.
-
-    Returns:
-        y [B, T, H, N] in r's dtype and the final state [B, H, N, N] in float32 (float64 for float64 inputs).
-    """
+    """RWKV-5/6 WKV in chunks of ``chunk_len`` tokens (a power of two); see the comment block above."""
     B, T, H, N = r.shape
     if T <= 2 or bool((w > 0).any()):
         return naive_wkv6(r, w, k, v, u, state)

@@ -48,23 +48,7 @@ def naive_wkv7(
 def naive_wkv6(
     r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """RWKV-5/6 WKV, one token at a time (O(N^2) per token and head).
-
-    Per token, with the state before the update:
-    ``y_t[i] = sum_j r_t[j] (S[i, j] + u[j] k_t[j] v_t[i])``, then
-    ``S[i, j] = S[i, j] e^{w_t[j]} + v_t[i] k_t[j]``.
-
-    Args:
-        r: [B, T, H, N] receptance.
-        w: [B, T, H, N] log decay (RWKV-6), or [H, N] for a time-constant decay (RWKV-5).
-        k: [B, T, H, N] key.
-        v: [B, T, H, N] value.
-        u: [H, N] bonus of the current token.
-        state: [B, H, N, N] initial state S[b, h, i, j] (i = value, j = key index); zeros when None.
-
-    Returns:
-        y [B, T, H, N] in r's dtype and the final state [B, H, N, N] in float32 (float64 for float64 inputs).
-    """
+    """RWKV-5/6 WKV, one token at a time (O(N^2) per token and head); ``w`` [B, T, H, N] or [H, N]."""
     B, T, H, N = r.shape
     out_dtype, dt = r.dtype, compute_dtype(r)
     r, w, k, v, u = (x.to(dt) for x in (r, w.expand(B, T, H, N), k, v, u))
