@@ -48,6 +48,13 @@ def test_wheel_contains_every_asset_file(tmp_path):
         if p.is_file() and "__pycache__" not in p.parts
     }
     assert "rwkv_mm/assets/tokenizers/rwkv_vocab_v20230424.txt" in expected
+    # the kernel sources are built on the user's machine, so they must ship too
+    package = assets.ROOT.parent
+    expected |= {
+        "rwkv_mm/" + p.relative_to(package).as_posix()
+        for pattern in ("kernels/include/**/*.h", "kernels/csrc/*.cpp", "kernels/cuda/*", "lm/csrc/*.cpp")
+        for p in package.glob(pattern)
+    }
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
