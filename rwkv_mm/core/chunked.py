@@ -81,9 +81,11 @@ def wkv7(
     inputs no chunk of two or more tokens can carry take the per-token loop.
     """
     B, T, H, N = r.shape
+    if T < 2:  # a decode step: the per-token update is the lean path
+        return naive_wkv7(r, w, k, v, a, b, state)
     out_dtype, dt = r.dtype, compute_dtype(r)
     L = _factorised_chunk_len(w, chunk_len, dt)
-    if L < 2 or T < 2:
+    if L < 2:
         return naive_wkv7(r, w, k, v, a, b, state)
     L = min(L, T)
     NC = -(-T // L)

@@ -1,5 +1,7 @@
-"""The language-model face: tokenizers (and, later, the RWKV LM, sampling and chat)."""
+"""The language-model face: official RWKV checkpoints (v4-v7), the RWKV LM, tokenizers."""
 
+from .checkpoint import RWKVConfig, load_checkpoint, load_state_file
+from .model import RWKVLM
 from .tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -11,6 +13,10 @@ from .tokenizer import (
 )
 
 __all__ = [
+    "RWKVConfig",
+    "RWKVLM",
+    "load_checkpoint",
+    "load_state_file",
     "ByteTokenizer",
     "HFTokenizer",
     "StreamDecoder",
