@@ -118,7 +118,7 @@ def test_biwkv_mode_is_checked():
 def test_a_compiled_backend_asked_for_by_name_says_why_it_cannot_run(monkeypatch):
     from rwkv_mm import kernels
 
-    monkeypatch.setattr(kernels, "get", lambda op, backend: None)
+    monkeypatch.setattr(kernels, "get", lambda op, backend, warn_on_fallback=False: None)
     with pytest.raises(RuntimeError, match=r"backend 'cpp' is not available for wkv7: .+"):
         ops.wkv7(**wkv7_inputs(1, 3, 1, 4), backend="cpp")
 
@@ -128,15 +128,32 @@ def test_auto_takes_a_compiled_kernel_when_there_is_one_and_the_torch_form_other
     from rwkv_mm.core import chunked
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(kernels, "get", lambda op, backend: None)
+    monkeypatch.setattr(kernels, "get", lambda op, backend, warn_on_fallback=False: None)
     assert ops._implementation("wkv7", "auto", cpu) is chunked.wkv7
     asked = []
 
-    def compiled(op, backend):
-        asked.append(backend)
+    def compiled(op, backend, warn_on_fallback=False):
+        asked.append((backend, warn_on_fallback))
         return print
 
     monkeypatch.setattr(kernels, "get", compiled)
     assert ops._implementation("biwkv", "auto", cpu) is print
     assert ops._implementation("biwkv", "auto", cuda) is print
-    assert asked == ["cpp", "cuda"]
+    assert asked == [("cpp", True), ("cuda", True)]
+
+
+@pytest.mark.parametrize("op", ["wkv7", "wkv6", "wkv4", "biwkv"])
+def test_ops_compute_in_float32_under_bf16_autocast(op):
+    make = {
+        "wkv7": lambda: wkv7_inputs(1, 20, 2, 4, torch.float32),
+        "wkv6": lambda: wkv6_inputs(1, 20, 2, 4, torch.float32),
+        "wkv4": lambda: wkv4_inputs(1, 20, 6, torch.float32),
+        "biwkv": lambda: biwkv_inputs(1, 20, 6, torch.float32),
+    }[op]
+    x = make()
+    out = getattr(ops, op)(**x, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_autocast = getattr(ops, op)(**x, backend="torch")
+    y, y_autocast = (out[0], out_autocast[0]) if isinstance(out, tuple) else (out, out_autocast)
+    assert y_autocast.dtype == torch.float32
+    torch.testing.assert_close(y_autocast, y, rtol=0, atol=0)

@@ -45,14 +45,24 @@ def _implementation(op: str, backend: str, device: torch.device) -> Callable:
     if backend in _PLAIN_TORCH:
         return _PLAIN_TORCH[backend][op]
     if backend == "auto":
-        return kernels.get(op, "cuda" if device.type == "cuda" else "cpp") or _PLAIN_TORCH["torch"][op]
+        compiled = "cuda" if device.type == "cuda" else "cpp"
+        return kernels.get(op, compiled, warn_on_fallback=True) or _PLAIN_TORCH["torch"][op]
     if (backend == "cuda") != (device.type == "cuda"):
         raise ValueError(f"backend {backend!r} cannot run {op} on {device.type} tensors")
     fn = kernels.get(op, backend)
     if fn is None:
-        reason = kernels.unavailable_reason(backend)
+        reason = kernels.unavailable_reason(op, backend)
         raise RuntimeError(f"backend {backend!r} is not available for {op}: {reason}")
     return fn
+
+
+def _run(op: str, backend: str, device: torch.device, *args: object) -> object:
+    """Run ``op`` on ``backend`` outside autocast: the ops pick their own precision (fp32 math)."""
+    fn = _implementation(op, backend, device)
+    if not torch.is_autocast_enabled(device.type):
+        return fn(*args)
+    with torch.autocast(device.type, enabled=False):
+        return fn(*args)
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -115,7 +125,7 @@ def wkv7(
         _check(name, x, r.shape, "[B, T, H, N]", r.device, "r")
     if state is not None:
         _check("state", state, (B, H, N, N), "[B, H, N, N]", r.device, "r")
-    y, s = _implementation("wkv7", backend, r.device)(r, w, k, v, a, b, state)
+    y, s = _run("wkv7", backend, r.device, r, w, k, v, a, b, state)
     return y, s.contiguous()
 
 
@@ -155,7 +165,7 @@ def wkv6(
     _check("u", u, (H, N), "[H, N]", r.device, "r")
     if state is not None:
         _check("state", state, (B, H, N, N), "[B, H, N, N]", r.device, "r")
-    y, s = _implementation("wkv6", backend, r.device)(r, w, k, v, u, state)
+    y, s = _run("wkv6", backend, r.device, r, w, k, v, u, state)
     return y, s.contiguous()
 
 
@@ -195,7 +205,7 @@ def wkv4(
         for name, s in zip(("state num", "state den", "state max"), state):
             _check(name, s, (B, C), "[B, C]", k.device, "k")
         state = tuple(state)
-    y, (num, den, mx) = _implementation("wkv4", backend, k.device)(w, u, k, v, state)
+    y, (num, den, mx) = _run("wkv4", backend, k.device, w, u, k, v, state)
     return y, (num, den, mx)
 
 
@@ -232,4 +242,4 @@ def biwkv(
     _check("v", v, k.shape, "[B, T, C]", k.device, "k")
     _check("w", w, (C,), "[C]", k.device, "k")
     _check("u", u, (C,), "[C]", k.device, "k")
-    return _implementation("biwkv", backend, k.device)(w, u, k, v, mode)
+    return _run("biwkv", backend, k.device, w, u, k, v, mode)
