@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.rwkv-mm-installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench kernels lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_wkv.py
 
+# build every compiled kernel now (otherwise each is built on first use) and print the build times
+kernels: $(STAMP)
+	$(PY) -m rwkv_mm.kernels.build
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis .torch_extensions

@@ -59,8 +59,8 @@ def _auto_disabled() -> bool:
     return os.environ.get("RWKV_MM_KERNELS", _AUTO_DEFAULT).lower() in ("off", "0", "no", "false")
 
 
-# what RWKV_MM_KERNELS means when unset
-_AUTO_DEFAULT = "off"
+# what RWKV_MM_KERNELS means when unset: build and use the compiled kernels
+_AUTO_DEFAULT = "auto"
 
 
 def unavailable_reason(op: str, backend: str) -> str:

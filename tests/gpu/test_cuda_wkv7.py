@@ -1,0 +1,115 @@
+"""wkv7 on a GPU: the CUDA kernel (backend "cuda") against the float64 per-token reference.
+
+Forward, final state and every gradient (initial state included) for fp32 / bf16 / fp16 / fp64
+inputs, B > 1, odd T, N = 64 (the fixed-size kernel) and other head sizes (the runtime-size kernel).
+The reference runs in float64 on the CPU on the same (rounded) inputs. Skipped without a CUDA device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+from rwkv_mm import kernels
+from rwkv_mm.core import ops
+from rwkv_mm.core.reference import naive_wkv7
+from tests.wkv_inputs import assert_close, cast_inputs, wkv7_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available())"
+    ),
+]
+
+# Tolerance x max|ref|: float32 math; bf16 / fp16 outputs and gradients are rounded (two ulps: the
+# outputs, and dy, which autograd hands the kernel in y's dtype).
+REL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.fixture(scope="module")
+def wkv7_cuda() -> Callable:
+    fn = kernels.get("wkv7", "cuda")
+    assert fn is not None, (
+        f"the wkv7 cuda kernel is unavailable: {kernels.unavailable_reason('wkv7', 'cuda')}"
+    )
+    return fn
+
+
+def forward_backward(fn: Callable, x: dict, seed: int = 42) -> tuple[Tensor, Tensor, dict]:
+    """y, final state and the gradients of sum(y * dy) + sum(state * dstate), all on the CPU."""
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items() if t is not None}
+    y, s = fn(**leaves, **{n: None for n, t in x.items() if t is None})
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)
+    ds = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.device)
+    loss = (y.double() * dy).sum() + (s.double() * ds).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return y.detach().cpu(), s.detach().cpu(), {n: gr.cpu() for n, gr in zip(leaves, grads)}
+
+
+def check(fn: Callable, x: dict) -> None:
+    dtype = x["r"].dtype
+    y_ref, s_ref, g_ref = forward_backward(naive_wkv7, cast_inputs(x, torch.float64))
+    y, s, g = forward_backward(fn, {n: t.cuda() if t is not None else None for n, t in x.items()})
+    tol = lambda t: REL[t.dtype]  # noqa: E731
+    assert y.dtype == dtype and s.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close("y", y_ref, y, tol(y))
+    assert_close("state", s_ref, s, tol(s))
+    for name in g_ref:
+        assert g[name].dtype == x[name].dtype
+        assert_close(f"d{name}", g_ref[name], g[name], tol(g[name]))
+
+
+SHAPES = [
+    pytest.param(2, 1, 2, 64, id="B2-T1-H2-N64"),
+    pytest.param(2, 17, 3, 64, id="B2-T17-H3-N64"),
+    pytest.param(2, 1000, 2, 64, id="B2-T1000-H2-N64"),
+    pytest.param(3, 17, 2, 32, id="B3-T17-H2-N32"),
+    pytest.param(2, 100, 2, 20, id="B2-T100-H2-N20"),
+    pytest.param(1, 40, 1, 128, id="B1-T40-H1-N128"),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T,H,N", SHAPES)
+def test_matches_reference(wkv7_cuda: Callable, B: int, T: int, H: int, N: int, dtype: torch.dtype) -> None:
+    check(wkv7_cuda, wkv7_inputs(B, T, H, N, dtype))
+
+
+def test_no_initial_state(wkv7_cuda: Callable) -> None:
+    check(wkv7_cuda, wkv7_inputs(2, 33, 2, 64, torch.float32, state=False))
+
+
+def test_chained_calls_equal_one_call(wkv7_cuda: Callable) -> None:
+    x = {n: t.cuda() for n, t in wkv7_inputs(2, 70, 2, 64, torch.float32).items()}
+    y_all, s_all = wkv7_cuda(**x)
+    seq = ("r", "w", "k", "v", "a", "b")
+    y1, s1 = wkv7_cuda(*(x[n][:, :33] for n in seq), x["state"])
+    y2, s2 = wkv7_cuda(*(x[n][:, 33:] for n in seq), s1)
+    assert_close("y", y_all, torch.cat([y1, y2], dim=1), 1e-6)
+    assert_close("state", s_all, s2, 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "auto"])
+def test_public_op_on_cuda_tensors(backend: str) -> None:
+    x = wkv7_inputs(2, 50, 2, 64, torch.bfloat16)
+    check(lambda **kw: ops.wkv7(**kw, backend=backend), x)
+
+
+def test_matches_the_cpu_kernel(wkv7_cuda: Callable) -> None:
+    """The same arithmetic (include/rwkv_mm/wkv7.h) on both devices: agreement to float32 rounding."""
+    cpu = kernels.get("wkv7", "cpp")
+    if cpu is None:
+        pytest.skip(f"no cpp kernel here: {kernels.unavailable_reason('wkv7', 'cpp')}")
+    x = wkv7_inputs(2, 300, 2, 64, torch.float32)
+    y_c, s_c, g_c = forward_backward(cpu, x)
+    y_g, s_g, g_g = forward_backward(wkv7_cuda, {n: t.cuda() for n, t in x.items()})
+    assert_close("y", y_c, y_g, 1e-6)
+    assert_close("state", s_c, s_g, 1e-6)
+    for name in g_c:
+        assert_close(f"d{name}", g_c[name], g_g[name], 1e-6)
