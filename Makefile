@@ -25,7 +25,7 @@ bench: $(STAMP)
 
 # build every compiled kernel now (otherwise each is built on first use) and print the build times
 kernels: $(STAMP)
-	$(PY) -m rwkv_mm.kernels.build
+	$(PY) -m rwkv_mm.kernels
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -178,7 +178,7 @@ def reload_for_tests() -> None:
 
 
 def main() -> None:
-    """``python -m rwkv_mm.kernels.build [--backend cpp|cuda]``: build every kernel, print each build time."""
+    """Build every kernel and print each build time (``python -m rwkv_mm.kernels``)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the compiled WKV kernels and report the build times.")
@@ -194,7 +194,3 @@ def main() -> None:
             status = f"ready in {seconds:.1f} s" if ok else f"UNAVAILABLE: {unavailable_reason(op, backend)}"
             print(f"{op:6s} {backend:5s} {status}", flush=True)
     raise SystemExit(1 if failures else 0)
-
-
-if __name__ == "__main__":
-    main()
