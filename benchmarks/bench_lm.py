@@ -79,8 +79,8 @@ def prefill_flops(c: RWKVConfig, T: int) -> float:
 class Ours:
     """rwkv_mm in this process."""
 
-    def __init__(self, path: Path, T: int, n_decode: int):
-        self.model = RWKVLM.from_file(path)
+    def __init__(self, path: Path, T: int, n_decode: int, dtype: torch.dtype = torch.float32):
+        self.model = RWKVLM.from_file(path, dtype=dtype)
         self.tokens = torch.randint(0, CONFIG.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
         self.n_decode = n_decode
         with torch.inference_mode():
@@ -143,6 +143,7 @@ def main() -> None:
         roofline = gemm_gflops(CONFIG, args.tokens)
         sides = {
             "ours": Ours(path, args.tokens, args.decode),
+            "ours_bf16": Ours(path, args.tokens, args.decode, torch.bfloat16),
             "pkg": Package(path, args.tokens, args.decode, args.threads),
         }
         best = {(side, what): float("inf") for side in sides for what in ("prefill", "decode")}
@@ -153,6 +154,10 @@ def main() -> None:
         sides["pkg"].close()
         roofline = max(roofline, gemm_gflops(CONFIG, args.tokens))  # the box is shared: best of both
     ours = {"prefill_s": best["ours", "prefill"], "decode_s": best["ours", "decode"] / args.decode}
+    ours_bf16 = {
+        "prefill_s": best["ours_bf16", "prefill"],
+        "decode_s": best["ours_bf16", "decode"] / args.decode,
+    }
     pkg = {"prefill_s": best["pkg", "prefill"], "decode_s": best["pkg", "decode"] / args.decode}
     flops = prefill_flops(CONFIG, args.tokens)
 
@@ -161,12 +166,14 @@ def main() -> None:
         f"fp32 GEMM roofline (best large matmul): {roofline:.1f} GFLOP/s; "
         f"prefill T={args.tokens} needs {flops / 1e9:.1f} GFLOP"
     )
-    print(f"{'':22s} {'rwkv_mm':>10s} {'rwkv pip':>10s} {'ratio':>7s}")
+    print(f"{'':22s} {'rwkv_mm':>10s} {'rwkv pip':>10s} {'ratio':>7s}   (the package always in fp32)")
     T = args.tokens
     rows = [
         (f"prefill T={T} tok/s", T / ours["prefill_s"], T / pkg["prefill_s"]),
         ("decode tok/s", 1 / ours["decode_s"], 1 / pkg["decode_s"]),
         ("prefill % of roofline", *(100 * flops / s["prefill_s"] / 1e9 / roofline for s in (ours, pkg))),
+        (f"bf16 prefill T={T} tok/s", T / ours_bf16["prefill_s"], T / pkg["prefill_s"]),
+        ("bf16 decode tok/s", 1 / ours_bf16["decode_s"], 1 / pkg["decode_s"]),
     ]
     for name, a, b in rows:
         print(f"{name:22s} {a:10.1f} {b:10.1f} {a / b:7.2f}")
