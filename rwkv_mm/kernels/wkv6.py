@@ -27,16 +27,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["CUDA_MAX_HEAD_SIZE", "make"]
+from ..core.reference import compute_dtype
+from .wkv7 import CUDA_DTYPES, CUDA_MAX_HEAD_SIZE
 
-# Largest head size of the CUDA kernel (its backward keeps an N x N gradient in shared memory);
-# 64 when computing in float64. N = 64 is compiled with a fixed size, other sizes use a runtime loop.
-CUDA_MAX_HEAD_SIZE = 128
-CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _compute_dtype(r: Tensor) -> torch.dtype:
-    return torch.float64 if r.dtype == torch.float64 else torch.float32
+__all__ = ["make"]
 
 
 class _WKV6(torch.autograd.Function):
@@ -52,7 +46,7 @@ class _WKV6(torch.autograd.Function):
         u: Tensor,
         state: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        dt = _compute_dtype(r)
+        dt = compute_dtype(r)
         B, T, H, N = r.shape
         io = dt
         if backend == "cuda" and r.dtype in CUDA_DTYPES and k.dtype == v.dtype == r.dtype:

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..core.reference import compute_dtype
+
 __all__ = ["CUDA_MAX_HEAD_SIZE", "make"]
 
 # Largest head size of the CUDA kernel (its backward keeps an N x N gradient in shared memory);
@@ -33,14 +35,10 @@ CUDA_MAX_HEAD_SIZE = 128
 CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _compute_dtype(r: Tensor) -> torch.dtype:
-    return torch.float64 if r.dtype == torch.float64 else torch.float32
-
-
 def _prepare(inputs: tuple[Tensor, ...], backend: str) -> tuple[Tensor, ...]:
     """r, w, k, v, a, b in the dtypes the kernel reads, contiguous."""
     r, w, k, v, a, b = inputs
-    dt = _compute_dtype(r)
+    dt = compute_dtype(r)
     io = dt
     if backend == "cuda" and r.dtype in CUDA_DTYPES and all(x.dtype == r.dtype for x in (k, v, a, b)):
         io = r.dtype
@@ -61,7 +59,7 @@ class _WKV7(torch.autograd.Function):
         b: Tensor,
         state: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        dt = _compute_dtype(r)
+        dt = compute_dtype(r)
         B, T, H, N = r.shape
         r_, k_, v_, a_, b_, w_ = _prepare((r, w, k, v, a, b), backend)
         s0 = r.new_zeros(B, H, N, N, dtype=dt) if state is None else state.to(dt).contiguous()
