@@ -6,8 +6,9 @@ official x070 format) is run by both implementations in fp32 on one thread: pref
 (RWKV_V7_ON=1 is read at its import) on the same file, and the two sides take turns, one timing each,
 so that both see the same machine load. The same script measures the fp32 GEMM roofline (the best
 large matmul) and counts the FLOPs a prefill needs, so prefill speed is also given as a fraction of
-that roofline. Times are the best of `--repeats`; on a shared box only ratios taken in one run mean
-anything.
+that roofline, and the memory bandwidth (the best read of a 512 MB fp32 array) with the bytes of
+weights a decode step must read, so decode speed is also given as a fraction of that bound. Times are
+the best of `--repeats`; on a shared box only ratios taken in one run mean anything.
 
 Usage: ``python benchmarks/bench_lm.py [--tokens 1024] [--decode 32] [--repeats 3] [--threads 1]``
 """
@@ -64,6 +65,26 @@ def gemm_gflops(c: RWKVConfig, T: int, repeats: int = 5) -> float:
             a @ b
             best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def stream_gbps(repeats: int = 5, megabytes: int = 512) -> float:
+    """The memory-bandwidth bound: best GB/s of one pass summing a large fp32 array (far beyond caches)."""
+    a = torch.randn(megabytes * 2**20 // 4)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        best = max(best, a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def decode_bytes(c: RWKVConfig, itemsize: int = 4) -> float:
+    """Bytes of weights one decode step must read: every projection and LoRA matrix of every layer
+    (layer 0 has no value-residual LoRA) and the head; the per-channel vectors are negligible."""
+    C = c.n_embd
+    lora = 2 * C * (c.d_decay + c.d_aaa + c.d_gate)
+    per_layer = 4 * C * C + lora + 2 * C * c.dim_ffn
+    return itemsize * (c.n_layer * per_layer + 2 * C * c.d_mv * (c.n_layer - 1) + C * c.vocab_size)
 
 
 def prefill_flops(c: RWKVConfig, T: int) -> float:
@@ -141,6 +162,7 @@ def main() -> None:
         path = Path(d) / "rwkv7-0.1b-synthetic.pth"
         torch.save(synthetic_state_dict(CONFIG, seed=0), path)
         roofline = gemm_gflops(CONFIG, args.tokens)
+        bandwidth = stream_gbps()
         sides = {
             "ours": Ours(path, args.tokens, args.decode),
             "ours_bf16": Ours(path, args.tokens, args.decode, torch.bfloat16),
@@ -153,6 +175,7 @@ def main() -> None:
                     best[side, what] = min(best[side, what], runner.time(what))
         sides["pkg"].close()
         roofline = max(roofline, gemm_gflops(CONFIG, args.tokens))  # the box is shared: best of both
+        bandwidth = max(bandwidth, stream_gbps())
     ours = {"prefill_s": best["ours", "prefill"], "decode_s": best["ours", "decode"] / args.decode}
     ours_bf16 = {
         "prefill_s": best["ours_bf16", "prefill"],
@@ -160,11 +183,16 @@ def main() -> None:
     }
     pkg = {"prefill_s": best["pkg", "prefill"], "decode_s": best["pkg", "decode"] / args.decode}
     flops = prefill_flops(CONFIG, args.tokens)
+    step_bytes = decode_bytes(CONFIG)
 
     print(f"RWKV-7 0.1B shape (L12 D768 V65536), fp32, {args.threads} thread(s), best of {args.repeats}")
     print(
         f"fp32 GEMM roofline (best large matmul): {roofline:.1f} GFLOP/s; "
         f"prefill T={args.tokens} needs {flops / 1e9:.1f} GFLOP"
+    )
+    print(
+        f"memory bandwidth (best 512 MB read): {bandwidth:.1f} GB/s; an fp32 decode step reads "
+        f"{step_bytes / 1e6:.0f} MB of weights: at most {bandwidth * 1e9 / step_bytes:.1f} tok/s"
     )
     print(f"{'':22s} {'rwkv_mm':>10s} {'rwkv pip':>10s} {'ratio':>7s}   (the package always in fp32)")
     T = args.tokens
@@ -172,6 +200,7 @@ def main() -> None:
         (f"prefill T={T} tok/s", T / ours["prefill_s"], T / pkg["prefill_s"]),
         ("decode tok/s", 1 / ours["decode_s"], 1 / pkg["decode_s"]),
         ("prefill % of roofline", *(100 * flops / s["prefill_s"] / 1e9 / roofline for s in (ours, pkg))),
+        ("decode % of bandwidth", *(100 * step_bytes / s["decode_s"] / 1e9 / bandwidth for s in (ours, pkg))),
         (f"bf16 prefill T={T} tok/s", T / ours_bf16["prefill_s"], T / pkg["prefill_s"]),
         ("bf16 decode tok/s", 1 / ours_bf16["decode_s"], 1 / pkg["decode_s"]),
     ]

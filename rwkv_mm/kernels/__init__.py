@@ -36,7 +36,7 @@ def _device_problem(backend: str) -> str:
 
 
 def get(op: str, backend: str, warn_on_fallback: bool = False) -> Callable | None:
-    """The compiled implementation of ``op`` ("wkv4", "wkv6", "wkv7", "biwkv") for ``backend``, or None.
+    """The compiled implementation of ``op`` (``build.OPS``: the WKV ops and "gemv") for ``backend``, or None.
 
     With ``warn_on_fallback`` (what ``backend="auto"`` uses), a kernel that fails to build or load is
     reported once per process with a warning, and the caller falls back to the plain-torch form.

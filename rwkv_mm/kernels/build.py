@@ -30,7 +30,7 @@ __all__ = ["OPS", "BACKENDS", "cuda_home", "load", "unavailable_reason"]
 
 logger = logging.getLogger(__name__)
 
-OPS = ("wkv4", "wkv6", "wkv7", "biwkv")
+OPS = ("wkv4", "wkv6", "wkv7", "biwkv", "gemv")
 BACKENDS = ("cpp", "cuda")
 KERNELS_DIR = Path(__file__).resolve().parent
 CPP_FLAGS = ["-O3", "-march=native", "-fopenmp"]

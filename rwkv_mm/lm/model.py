@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.layers import ChannelMix, head_group_norm, low_rank, low_rank_multi, token_shift
+from .. import kernels
+from ..core.layers import ChannelMix, head_group_norm, low_rank_multi, token_shift
 from ..core.ops import wkv4, wkv6, wkv7
 from ..core.state import RWKVState
 from .checkpoint import RWKVConfig, load_checkpoint
@@ -46,6 +47,33 @@ def _param(*shape: int, device=None, dtype=None) -> nn.Parameter:
 def _last(x: Tensor) -> Tensor:
     """x[:, -1] as a state tensor: [B, T, C] -> [B, C]; copied unless T == 1 (it would pin all of x)."""
     return x[:, -1] if x.shape[1] == 1 else x[:, -1].clone()
+
+
+def _linear(x: Tensor, weight: Tensor) -> Tensor:
+    """`F.linear(x, weight)`: x [..., in] @ weight[out, in].T. Few rows (one-token decode: B * T <= 4) in
+    fp32 on the CPU go through the compiled matrix-vector kernel (`rwkv_mm.kernels.gemv`), which streams
+    a column-major weight (a row-major weight.T) close to the memory bandwidth; anything else (prefill
+    GEMMs, other dtypes or devices, no kernel) is torch's."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows <= 4 and x.dtype == torch.float32 and x.device.type == "cpu":
+        gemv = kernels.get("gemv", "cpp", warn_on_fallback=True)
+        if gemv is not None:
+            return gemv(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+def low_rank(x: Tensor, w1: Tensor, w2: Tensor, act=None) -> Tensor:
+    """`core.layers.low_rank` (`act(x @ w1) @ w2`) with both products through `_linear`, so that the
+    LoRA matrices take the decode kernel too (torch spent ~4.8 ms per token on them)."""
+    h = _linear(x, w1.t())
+    return _linear(h if act is None else act(h), w2.t())
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear through `_linear`: the column-major weights `from_file` stores stream well in decode."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _linear(x, self.weight) if self.bias is None else _linear(x, self.weight) + self.bias
 
 
 class TimeMix7(nn.Module):
@@ -341,6 +369,9 @@ class RWKVLM(nn.Module):
         self.ln_out = nn.LayerNorm(config.n_embd, eps=1e-5, **dd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False, **dd)
         self.initial_state: RWKVState | None = None  # a state-tuned checkpoint's state, batch 1
+        for module in self.modules():  # every projection, core.layers.ChannelMix's included
+            if type(module) is nn.Linear:
+                module.__class__ = DecodeLinear
 
     @classmethod
     def from_file(
