@@ -124,7 +124,7 @@ def test_pos_embed_resize_is_bicubic_without_antialias():
 def test_forward_backward_intermediates(name):
     _seed()
     model = timm.create_model(name, num_classes=7, **SMALL)
-    x = torch.randn(2, 3, 48, 64)  # a 3x4 patch grid
+    x = torch.randn(2, model.pretrained_cfg["input_size"][0], 48, 64)  # a 3x4 patch grid
     y = model(x)
     assert y.shape == (2, 7)
     y.square().sum().backward()
@@ -135,9 +135,10 @@ def test_forward_backward_intermediates(name):
     with torch.no_grad():
         final, inter = model.forward_intermediates(x)
         torch.testing.assert_close(final, model.forward_features(x))
-        assert [t.shape for t in inter] == [(2, 128, 3, 4)] * 2
+        gh, gw = 48 // model.patch_embed.patch_size[0], 64 // model.patch_embed.patch_size[1]
+        assert [t.shape for t in inter] == [(2, 128, gh, gw)] * 2
         nlc = model.forward_intermediates(x, indices=[0], output_fmt="NLC", intermediates_only=True)
-        assert [t.shape for t in nlc] == [(2, 12, 128)]
+        assert [t.shape for t in nlc] == [(2, gh * gw, 128)]
         torch.testing.assert_close(nlc[0], inter[0].flatten(2).transpose(1, 2))
 
 
@@ -145,7 +146,7 @@ def test_forward_backward_intermediates(name):
 def test_grad_checkpointing_leaves_output_unchanged(name):
     _seed()
     model = timm.create_model(name, **SMALL)
-    x = torch.randn(1, 3, 32, 48)
+    x = torch.randn(1, model.pretrained_cfg["input_size"][0], 32, 48)
     y = model(x)
     model.set_grad_checkpointing(True)
     y_ckpt = model(x)

@@ -42,8 +42,10 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from .. import assets
 from ..core import layers
 from ..core.ops import biwkv
+from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = ["VRWKV", "Block", "SpatialMix", "ChannelMix"]
 
@@ -749,6 +751,19 @@ def _official_cfg(filename: str, notes: tuple[str, ...] = (), **kwargs) -> dict[
 # it is exact for these weights only up to 16 tokens (one chunk: the "no -1" formula in both kernels).
 _LARGE_NOTE = "trained with a 16-chunk Bi-WKV kernel; bi_wkv_mode=official emulates the 32-chunk one"
 
+# the bundled Fashion-MNIST classifier (rwkv_mm/assets/vrwkv-fmnist, made by `rwkv_mm.vision.train`)
+FMNIST_ASSET = "vrwkv-fmnist"
+
+
+def _bundled_cfg(asset: str, **kwargs) -> dict[str, Any]:
+    """Weights shipped in `rwkv_mm.assets` (loads offline; see the folder's PROVENANCE.md)."""
+    return _cfg(
+        file=str(assets.ROOT / asset / "model.safetensors"),
+        origin_url="https://github.com/OpenGVLab/Vision-RWKV (architecture); weights trained by rwkv_mm",
+        **kwargs,
+    )
+
+
 default_cfgs = generate_default_cfgs(
     {
         "vrwkv_tiny.in1k": _official_cfg("vrwkv_t_in1k_224.pth"),
@@ -759,6 +774,20 @@ default_cfgs = generate_default_cfgs(
         ),
         "vrwkv_large.in22k": _official_cfg(
             "vrwkv_l_in22k_192.pth", input_size=(3, 192, 192), num_classes=21841, notes=(_LARGE_NOTE,)
+        ),
+        "vrwkv_fmnist.fmnist": _bundled_cfg(
+            FMNIST_ASSET,
+            num_classes=10,
+            input_size=(1, 28, 28),
+            crop_pct=1.0,
+            interpolation="bilinear",
+            mean=FASHION_MNIST_MEAN,
+            std=FASHION_MNIST_STD,
+            label_names=FASHION_MNIST_CLASSES,
+            notes=(
+                "trained on Fashion-MNIST (MIT, Zalando SE; Debian package dataset-fashion-mnist)",
+                "expects a light item on a dark background, greyscale, scaled to 28x28",
+            ),
         ),
     }
 )
@@ -799,3 +828,11 @@ def vrwkv_large(pretrained: bool = False, **kwargs) -> VRWKV:
         head_hidden_size=3072,
     )
     return _create_vrwkv("vrwkv_large", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vrwkv_fmnist(pretrained: bool = False, **kwargs) -> VRWKV:
+    """VRWKV for 1x28x28 Fashion-MNIST (0.73M): patch 4 (7x7 tokens), C 96, 6 pre-norm blocks; the bundled
+    default classifier (pretrained weights ship in `rwkv_mm.assets`)."""
+    model_args = dict(img_size=28, patch_size=4, embed_dim=96, depth=6)
+    return _create_vrwkv("vrwkv_fmnist", pretrained=pretrained, **dict(model_args, **kwargs))
