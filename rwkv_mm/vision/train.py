@@ -664,7 +664,7 @@ PROVENANCE_TEMPLATE = """# {asset}: a Vision-RWKV Fashion-MNIST classifier
   No validation split was held out; the weights exported are the {weights} weights after the last
   epoch of the fixed schedule{selection}.
 - Exported {date} with `{export_command}`.
-
+{note}
 ## Confusion matrix (rows: true class, columns: predicted)
 
 {confusion}
@@ -687,6 +687,21 @@ def _deb_version(package: str) -> str:
     return "unknown"
 
 
+def _without_resume(argv: list[str]) -> list[str]:
+    """The training command without `--resume [PATH]` (a resumed run records the resuming command)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        if not a.startswith("--resume="):
+            out.append(a)
+    return out
+
+
 def _markdown_confusion(conf: torch.Tensor, classes: list[str]) -> tuple[str, str]:
     short = [c.split("/")[0] for c in classes]
     lines = ["| true \\ pred | " + " | ".join(short) + " |", "|---" * (len(classes) + 1) + "|"]
@@ -705,6 +720,7 @@ def export(
     data_dir: str | None = None,
     batch_size: int = 500,
     export_command: str = "",
+    note: str = "",
 ) -> dict[str, Any]:
     """Write a trained classifier as a bundled asset: model.safetensors, config.json, PROVENANCE.md.
 
@@ -718,6 +734,7 @@ def export(
         data_dir: Fashion-MNIST folder; Debian's by default.
         batch_size: evaluation batch size.
         export_command: the command line recorded in PROVENANCE.md.
+        note: extra text for PROVENANCE.md (e.g. how an interrupted run was continued).
 
     Returns:
         The config written to config.json.
@@ -782,7 +799,7 @@ def export(
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    argv = ckpt.get("argv")
+    argv = _without_resume(ckpt.get("argv") or [])
     command = shlex.join(["python", "-m", "rwkv_mm.vision.train", *argv]) if argv else "(not recorded)"
     confusion, per_class = _markdown_confusion(ev["confusion"], classes)
     mtime = datetime.datetime.fromtimestamp(os.path.getmtime(checkpoint), datetime.timezone.utc)
@@ -811,6 +828,7 @@ def export(
             selection="" if last_epoch else " (NOTE: the run had not finished its schedule)",
             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
             export_command=export_command or "rwkv_mm.vision.train.export(...)",
+            note=f"- {note}\n" if note else "",
             confusion=confusion,
             per_class=per_class,
         )
@@ -829,6 +847,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--note", default="", help="extra line for PROVENANCE.md")
     return p
 
 
@@ -848,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
             args.weights,
             args.data_dir,
             export_command=shlex.join(["python", "-m", "rwkv_mm.vision.train", *argv]),
+            note=args.note,
         )
         return 0
     args = build_parser().parse_args(argv)
