@@ -67,8 +67,9 @@ def main() -> None:
         y_up = upstream.forward(w, u, k, v)
         y_ours = ops.biwkv(w, u, k, v, mode="official", backend="cuda")
         diff = (y_up - y_ours).abs().max().item()
-        t_up = cuda_ms(lambda: upstream.forward(w, u, k, v), args.repeats)
-        t_ours = cuda_ms(lambda: ops.biwkv(w, u, k, v, mode="official", backend="cuda"), args.repeats)
+        x = (w, u, k, v)
+        t_up = cuda_ms(lambda x=x: upstream.forward(*x), args.repeats)
+        t_ours = cuda_ms(lambda x=x: ops.biwkv(*x, mode="official", backend="cuda"), args.repeats)
         print(f"| {B} | {T} | {C} | {t_up:.3f} | {t_ours:.3f} | {t_ours / t_up:.2f} | {diff:.2e} |")
 
 
