@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="extra model arguments, e.g. depth=2 embed_dim=32",
     )
+    g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start from the model's pretrained weights (vrwkv_fmnist: the bundled classifier)",
+    )
     g.add_argument("--task", choices=("cls", "seg"), default="cls", help="classification or segmentation")
     g.add_argument(
         "--data",
@@ -242,9 +247,9 @@ def build_model(args: argparse.Namespace, num_classes: int, in_chans: int) -> nn
         kwargs["img_size"] = args.img_size
     if args.task == "seg":
         kwargs.setdefault("img_size", args.scene_size)
-        backbone = timm.create_model(args.model, num_classes=0, **kwargs)
+        backbone = timm.create_model(args.model, pretrained=args.pretrained, num_classes=0, **kwargs)
         return VRWKVSegmenter(backbone, num_classes=num_classes, channels=args.seg_channels)
-    return timm.create_model(args.model, num_classes=num_classes, **kwargs)
+    return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
