@@ -3,7 +3,8 @@
 The upstream kernel is not part of rwkv_mm: ``--upstream`` names a copy of OpenGVLab/Vision-RWKV's
 ``classification/mmcls_custom/models/backbones/cuda/wkv_cuda.cu``; it is built with the binding of
 ``tests/gpu/test_biwkv_upstream.py``. Shapes are the VRWKV models' (C = 192 / 384 / 768 at 224², 512²
-and 1024² inputs, 16-pixel patches). Forward only, fp32, CUDA events, median of repeats.
+and 1024² inputs, 16-pixel patches). Forward only (inference: no gradient recorded), fp32, CUDA events,
+median of repeats; "paper ms" is our mode="paper" on the same inputs.
 Usage: ``python benchmarks/bench_biwkv_cuda.py --upstream PATH/wkv_cuda.cu``.
 """
 
@@ -56,8 +57,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=50)
     args = p.parse_args()
     upstream = build_upstream(args.upstream)
-    print("| B | T | C | upstream ms | ours ms | ours / upstream | max abs diff |")
-    print("|---|---|---|---|---|---|---|")
+    torch.set_grad_enabled(False)
+    print("| B | T | C | upstream ms | ours ms | ours / upstream | max abs diff | paper ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for B, T, C in [(1, 196, 192), (8, 196, 192), (1, 1024, 192), (8, 1024, 384), (1, 4096, 192)]:
         g = torch.Generator().manual_seed(T + C)
         w = (torch.randn(C, generator=g) / T).cuda()
@@ -70,7 +72,9 @@ def main() -> None:
         x = (w, u, k, v)
         t_up = cuda_ms(lambda x=x: upstream.forward(*x), args.repeats)
         t_ours = cuda_ms(lambda x=x: ops.biwkv(*x, mode="official", backend="cuda"), args.repeats)
-        print(f"| {B} | {T} | {C} | {t_up:.3f} | {t_ours:.3f} | {t_ours / t_up:.2f} | {diff:.2e} |")
+        t_paper = cuda_ms(lambda x=x: ops.biwkv(*x, mode="paper", backend="cuda"), args.repeats)
+        ratio = t_ours / t_up
+        print(f"| {B} | {T} | {C} | {t_up:.3f} | {t_ours:.3f} | {ratio:.2f} | {diff:.2e} | {t_paper:.3f} |")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ CUDA kernel's arithmetic, EPS term included). Inputs are validated by ``rwkv_mm.
 - float64 inputs mean float64 math (the op contract), which the float32 kernels do not do: they take
   the chunked torch form, ``rwkv_mm.core.chunked.biwkv``, differentiable by autograd.
 - The backward is analytic, in the kernel (recomputing the forward), in both modes, the official EPS
-  term included; w and u come back per batch row and are summed over it here (no atomics).
+  term included; w and u come back per batch row and are summed over it here (no atomics). It needs
+  only the inputs, so training and inference share the forward (on CUDA the token-parallel one).
+- Without a gradient to record (no_grad, or no input requiring one) the kernel is called directly:
+  for VRWKV's small inference calls the autograd Function's overhead is comparable to the kernel's.
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ def make(module: ModuleType, backend: str) -> Callable[..., Tensor]:
             k, v = k.float(), v.float()
         k, v = k.contiguous(), v.to(k.dtype).contiguous()
         w, u = w.float().contiguous(), u.float().contiguous()
-        y = BiwkvFunction.apply(w, u, k, v, mode == "official")
+        official = mode == "official"
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
+            y = BiwkvFunction.apply(w, u, k, v, official)
+        else:
+            y = module.forward(w, u, k, v, official)
         return y.to(out_dtype)
 
     return biwkv

@@ -94,3 +94,31 @@ def test_public_op_backend_cuda(mode: str) -> None:
         return ops.biwkv(w, u, k, v, mode, backend="cuda")
 
     check(op, biwkv_inputs(3, 65, 24, torch.float32), mode)
+
+
+# The forward splits each channel's tokens into 32 segments of ceil(T / 32) (the official chunks) and
+# tiles of 8 inside them: T below, at and above one token per segment, segments of one partial tile,
+# empty trailing segments (T = 33, 1000, 4097); C = 13 fills neither a block's 8 channels nor a warp.
+@pytest.mark.parametrize("T", [1, 31, 32, 33, 196, 257, 1000, 4097])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("decay_scale", [5.0, 20.0])
+def test_token_parallel_forward(biwkv_cuda: Callable, T: int, mode: str, decay_scale: float) -> None:
+    """Must show: the no-grad forward within 1e-5 x max|ref| of float64, strong decays and growths too
+    (|w| T up to ~60; far beyond, the official EPS term is ill-conditioned in float32 for any kernel)."""
+    x = biwkv_inputs(3, T, 13, torch.float32, decay_scale=decay_scale)
+    y_ref = naive_biwkv(**cast_inputs(x, torch.float64), mode=mode)
+    with torch.no_grad():
+        y = biwkv_cuda(**{n: t.cuda() for n, t in x.items()}, mode=mode).cpu()
+    assert_close(f"{mode} y", y_ref, y, REL[torch.float32])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inference_and_training_forward_agree(biwkv_cuda: Callable, mode: str) -> None:
+    """Must show: the direct (no-grad) call and the autograd Function give the same y, bit for bit."""
+    x = {n: t.cuda() for n, t in biwkv_inputs(2, 300, 40, torch.float32).items()}
+    with torch.no_grad():
+        y_inference = biwkv_cuda(**x, mode=mode)
+    leaves = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    y_training = biwkv_cuda(**leaves, mode=mode)
+    assert y_training.requires_grad
+    assert torch.equal(y_inference, y_training.detach())

@@ -6,9 +6,9 @@
 
 #include <vector>
 
-int64_t rwkv_mm_biwkv_scratch_fields(bool backward);
+int64_t rwkv_mm_biwkv_scratch_floats(bool backward, int64_t B, int64_t T, int64_t C);
 cudaError_t rwkv_mm_biwkv_forward_cuda(int dtype, bool official, int64_t B, int64_t T, int64_t C, const float* w,
-                                       const float* u, const void* k, const void* v, void* y, float* rows,
+                                       const float* u, const void* k, const void* v, void* y, float* ends,
                                        cudaStream_t stream);
 cudaError_t rwkv_mm_biwkv_backward_cuda(int dtype, bool official, int64_t B, int64_t T, int64_t C, const float* w,
                                         const float* u, const void* k, const void* v, const void* gy, float* gk,
@@ -49,7 +49,7 @@ void check_all(const torch::Tensor& w, const torch::Tensor& u, const torch::Tens
 }
 
 torch::Tensor scratch(const torch::Tensor& k, bool backward) {
-  return torch::empty({rwkv_mm_biwkv_scratch_fields(backward), k.size(0), k.size(1), k.size(2)},
+  return torch::empty({rwkv_mm_biwkv_scratch_floats(backward, k.size(0), k.size(1), k.size(2))},
                       k.options().dtype(torch::kFloat32));
 }
 
@@ -60,10 +60,10 @@ torch::Tensor forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::
   check_all(w, u, k, v);
   const c10::cuda::CUDAGuard guard(k.device());
   auto y = torch::empty_like(k);
-  auto rows = scratch(k, false);
+  auto ends = scratch(k, false);
   check_launch(rwkv_mm_biwkv_forward_cuda(dtype_code(k), official, k.size(0), k.size(1), k.size(2),
                                           w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr(), v.data_ptr(),
-                                          y.data_ptr(), rows.data_ptr<float>(),
+                                          y.data_ptr(), ends.data_ptr<float>(),
                                           c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }
@@ -90,7 +90,7 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Vision-RWKV Bi-WKV, CUDA kernel (one thread per batch x channel)";
+  m.doc() = "Vision-RWKV Bi-WKV, CUDA kernels (forward: token segments in parallel; backward: one thread per batch x channel)";
   m.def("forward", &forward, "biwkv forward: (w, u, k, v, official) -> y");
   m.def("backward", &backward, "biwkv backward: (w, u, k, v, gy, official) -> (gw[B,C], gu[B,C], gk, gv)");
 }

@@ -1,5 +1,6 @@
 // Vision-RWKV Bi-WKV, one channel at a time: the per-token bodies of every pass, shared by
-// csrc/biwkv.cpp (CPU, vectorised across channels) and cuda/biwkv.cu (one thread per (batch, channel)).
+// csrc/biwkv.cpp (CPU, vectorised across channels) and cuda/biwkv.cu (forward: threads over token
+// segments of a channel, joined with bi_merge; backward: one thread per (batch, channel)).
 // The launchers only loop over tokens, load inputs and keep the scratch rows; all arithmetic is here.
 //
 // Per (b, c), with x_i = e^{k_i} (v_i, 1), both modes are sums of running-max scans (wkv4.h's (n, d, o)):
@@ -125,6 +126,28 @@ RWKV_HD void bi_max_push(M& s, float ld, float x, float i) {
   s.base = old ? s.base : x;
   s.steps = old ? s.steps + 1.0f : 0.0f;
   s.imax = old ? s.imax : i;
+}
+
+// Two sums combined: s += e^{gap * ld} x, with x's terms gap steps further from the current position
+// than its own maximum says (the CUDA forward joins the sums of token segments so).
+template <class S>
+RWKV_HD void bi_merge(S& s, const S& x, float gap, float ld) {
+  const float steps = x.steps + gap;
+  const Wkv4Pair e = bi_pair(bi_o(s, ld), bi_max_of(x.base, steps, ld));
+  s.n = e.ea * s.n + e.eb * x.n;
+  s.d = e.ea * s.d + e.eb * x.d;
+  s.base = e.a_wins ? s.base : x.base;
+  s.steps = e.a_wins ? s.steps : steps;
+}
+
+// A segment's left sum from a right-to-left scan: H = Σ_{a<=i<a+len} e^{w (i-a)} x_i (bi_push with
+// ld = w) is e^{w (len-1)} G, G = Σ e^{-w (a+len-1-i)} x_i (the left sum after the segment's last
+// token); G has H's sums, and its maximum, seen from the segment's end, lies len-1-steps steps of -w away.
+template <class S>
+RWKV_HD S bi_reversed(const S& H, float len) {
+  S G = H;
+  G.steps = len - 1.0f - H.steps;
+  return G;
 }
 
 // ---- pass 1 (t = T-1 .. 0): the right sum P_t, read out before the push of token t ----
