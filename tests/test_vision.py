@@ -14,9 +14,10 @@ import torch.nn.functional as F
 timm = pytest.importorskip("timm")
 
 import rwkv_mm.vision  # noqa: E402,F401  (registers the models)
+from rwkv_mm.core.layers import q_shift  # noqa: E402
 from rwkv_mm.core.ops import biwkv  # noqa: E402
 from rwkv_mm.vision.heads import VRWKVSegmenter  # noqa: E402
-from rwkv_mm.vision.vrwkv import resize_pos_embed  # noqa: E402
+from rwkv_mm.vision.vrwkv import INFERENCE_BAND_TOKENS, q_shift_bands, resize_pos_embed  # noqa: E402
 from rwkv_mm.vision.vrwkv6 import bi_wkv6  # noqa: E402
 
 MODELS = sorted(timm.list_models("vrwkv*"))
@@ -152,6 +153,49 @@ def test_grad_checkpointing_leaves_output_unchanged(name):
     y_ckpt = model(x)
     torch.testing.assert_close(y_ckpt, y, rtol=0, atol=0)
     y_ckpt.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        pytest.param("vrwkv_tiny", {}, id="vrwkv-pre_norm"),
+        pytest.param("vrwkv_tiny", {"bi_wkv_mode": "official", "shift_pixel": 2}, id="vrwkv-official-shift2"),
+        pytest.param("vrwkv_small", {}, id="vrwkv-post_norm"),
+        pytest.param("vrwkv_large", {}, id="vrwkv-key_norm"),
+        pytest.param("vrwkv6_tiny", {}, id="vrwkv6"),
+    ],
+)
+def test_lean_inference_equals_autograd_forward(name, kwargs):
+    """Without autograd the mixes run by row bands and channel groups, in place: the same output as the
+    autograd forward, on a non-square grid of several bands (37 x 29 patches > INFERENCE_BAND_TOKENS)."""
+    _seed()
+    model = timm.create_model(name, num_classes=7, **dict(SMALL, **kwargs)).eval()
+    _perturb(model)
+    x = torch.randn(2, 3, 37 * 16, 29 * 16)
+    assert 37 * 29 > INFERENCE_BAND_TOKENS
+    ref = model.forward_features(x)
+    assert ref.requires_grad
+    with torch.no_grad():
+        lean = model.forward_features(x)
+    with torch.inference_mode():
+        lean_inference = model.forward_features(x)
+    torch.testing.assert_close(lean, ref.detach())
+    torch.testing.assert_close(lean_inference, ref.detach())
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("shift", [1, 2, 5])
+@pytest.mark.parametrize("grid, band_tokens", [((7, 5), 10), ((7, 5), 3), ((3, 4), 100), ((6, 1), 2)])
+def test_q_shift_bands_equal_q_shift(grid, band_tokens, shift, heads):
+    x = torch.randn(2, grid[0] * grid[1], 16)
+    ref = q_shift(x, grid, shift, heads)
+    covered = torch.zeros(x.shape[1], dtype=torch.bool)
+    for tokens, xx, xb in q_shift_bands(x, grid, shift, heads, band_tokens):
+        assert tokens.start % grid[1] == 0 and not covered[tokens].any()
+        covered[tokens] = True
+        torch.testing.assert_close(xx, ref[:, tokens], rtol=0, atol=0)
+        torch.testing.assert_close(xb, x[:, tokens], rtol=0, atol=0)
+    assert covered.all()
 
 
 def test_timm_api():

@@ -212,8 +212,12 @@ class ChannelMix(nn.Module):
         """
         if (xr is None) != (self.receptance is None):
             raise ValueError(f"xr must be given exactly when gate=True (gate={self.receptance is not None})")
-        k = torch.relu(self.key(xk))
-        k = k * k  # squared ReLU (faster than .square(), which dispatches to pow on CPU)
+        k = self.key(xk)
+        if torch.is_grad_enabled():
+            k = torch.relu(k)
+            k = k * k  # squared ReLU (faster than .square(), which dispatches to pow on CPU)
+        else:  # the same values, without a second [..., F] hidden
+            k = torch.relu_(k).mul_(k)
         if self.key_norm is not None:
             k = self.key_norm(k)
         out = self.value(k)

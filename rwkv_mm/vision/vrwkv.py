@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
@@ -52,6 +52,11 @@ __all__ = ["VRWKV", "Block", "SpatialMix", "ChannelMix"]
 BI_WKV_MODES = ("paper", "official")
 # marks the pretrained cfgs whose weights need the kernel-faithful Bi-WKV (see `_create_vrwkv`)
 OFFICIAL_BI_WKV_NOTE = "bi_wkv_mode=official"
+# about how many tokens the mixes take at a time without autograd (whole patch rows): bounds the
+# [band, 4C] hidden of the channel mix and the other per-band temporaries (see `q_shift_bands`)
+INFERENCE_BAND_TOKENS = 512
+# channels per Bi-WKV call of the lean spatial mix (a multiple of the C++ kernel's 16-channel jobs)
+INFERENCE_CHANNEL_GROUP = 64
 
 
 def resize_pos_embed(
@@ -78,6 +83,41 @@ def resize_pos_embed(
     p = pos_embed.to(compute).reshape(1, *old_grid, C).permute(0, 3, 1, 2)  # (1, C, h, w)
     p = F.interpolate(p, size=new_grid, mode="bicubic", align_corners=False, antialias=False)
     return p.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], C).to(pos_embed.dtype)
+
+
+def q_shift_bands(
+    x: torch.Tensor,
+    grid: tuple[int, int],
+    shift_pixel: int = 1,
+    heads: int = 1,
+    band_tokens: int = INFERENCE_BAND_TOKENS,
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Q-Shift by bands of whole patch rows, for the mixes' token-chunked inference.
+
+    Each band is shifted together with the `shift_pixel` rows above and below it (all that Q-Shift
+    reads), so the bands put together equal `layers.q_shift(x, grid, shift_pixel, heads)` exactly.
+    One band (no slicing) when `band_tokens` covers the grid.
+
+    Args:
+        x: [B, T, C] tokens, row-major over the patch grid.
+        grid: (H, W) patch grid, H * W = T.
+        shift_pixel: Q-Shift distance in patches.
+        heads: Q-Shift heads (see `layers.q_shift`).
+        band_tokens: tokens per band, rounded down to whole rows (at least one row).
+
+    Yields:
+        (tokens, xx, xb): the band's slice of the T tokens, then q_shift(x) and x over it, [B, t, C].
+    """
+    H, W = grid
+    rows = max(1, band_tokens // W)
+    if rows >= H:
+        yield slice(0, H * W), layers.q_shift(x, grid, shift_pixel, heads), x
+        return
+    for r0 in range(0, H, rows):
+        r1 = min(H, r0 + rows)
+        h0, h1 = max(0, r0 - shift_pixel), min(H, r1 + shift_pixel)  # the band and its neighbour rows
+        xx = layers.q_shift(x[:, h0 * W : h1 * W], (h1 - h0, W), shift_pixel, heads)
+        yield slice(r0 * W, r1 * W), xx[:, (r0 - h0) * W : (r1 - h0) * W], x[:, r0 * W : r1 * W]
 
 
 def _ratios(layer_idx: int, depth: int) -> tuple[float, float]:
@@ -156,6 +196,8 @@ class SpatialMix(nn.Module):
         Returns:
             [B, T, C].
         """
+        if not torch.is_grad_enabled():
+            return self._forward_lean(x, grid)
         T = x.shape[1]
         xx = layers.q_shift(x, grid, self.shift_pixel)
         k = self.key(torch.lerp(xx, x, self.spatial_mix_k))
@@ -165,6 +207,29 @@ class SpatialMix(nn.Module):
         if self.key_norm is not None:
             y = self.key_norm(y)
         return self.output(sr * y)
+
+    def _forward_lean(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """`forward` without autograd, in less memory (the same values). The Bi-WKV is per channel, so
+        it runs by groups of `INFERENCE_CHANNEL_GROUP` channels, their k and v projected by row bands
+        (`q_shift_bands`: no [B, T, C] shifted or mixed copies); then the gated output, by row bands
+        written over y. At full size only x and y are alive, plus [B, T, group] k and v."""
+        B, T, C = x.shape
+        w, u = self.spatial_decay / T, self.spatial_first / T
+        y = torch.empty_like(x)
+        for c0 in range(0, C, INFERENCE_CHANNEL_GROUP):
+            ch = slice(c0, min(C, c0 + INFERENCE_CHANNEL_GROUP))
+            k, v = x.new_empty(B, T, ch.stop - c0), x.new_empty(B, T, ch.stop - c0)
+            for tokens, xx, xb in q_shift_bands(x, grid, self.shift_pixel):
+                k[:, tokens] = F.linear(torch.lerp(xx, xb, self.spatial_mix_k), self.key.weight[ch])
+                v[:, tokens] = F.linear(torch.lerp(xx, xb, self.spatial_mix_v), self.value.weight[ch])
+            y[..., ch] = biwkv(w[ch], u[ch], k, v, mode=self.bi_wkv_mode)
+            del k, v
+        if self.key_norm is not None:
+            y = self.key_norm(y)
+        for tokens, xx, xb in q_shift_bands(x, grid, self.shift_pixel):
+            sr = torch.sigmoid_(self.receptance(torch.lerp(xx, xb, self.spatial_mix_r)))
+            y[:, tokens] = self.output(sr.mul_(y[:, tokens]))
+        return y
 
 
 class ChannelMix(layers.ChannelMix):
@@ -226,7 +291,15 @@ class ChannelMix(layers.ChannelMix):
         Returns:
             [B, T, C].
         """
-        xx = layers.q_shift(x, grid, self.shift_pixel, heads=self.shift_heads)
+        if torch.is_grad_enabled():
+            return self._mix(layers.q_shift(x, grid, self.shift_pixel, heads=self.shift_heads), x)
+        out = torch.empty_like(x)  # without autograd, by row bands: the hidden is [B, band, 4C]
+        for tokens, xx, xb in q_shift_bands(x, grid, self.shift_pixel, self.shift_heads):
+            out[:, tokens] = self._mix(xx, xb)
+        return out
+
+    def _mix(self, xx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[B, t, C] shifted and plain tokens -> [B, t, C]."""
         return super().forward(torch.lerp(xx, x, self.spatial_mix_k), torch.lerp(xx, x, self.spatial_mix_r))
 
 
@@ -301,12 +374,19 @@ class Block(nn.Module):
         if self.ln0 is not None:
             x = self.ln0(x)
         if self.post_norm:
-            x = x + self.drop_path(_scale(self.ln1(self.att(x, grid)), self.gamma1))
-            x = x + self.drop_path(_scale(self.ln2(self.ffn(x, grid)), self.gamma2))
+            x = _residual(x, self.drop_path(_scale(self.ln1(self.att(x, grid)), self.gamma1)))
+            x = _residual(x, self.drop_path(_scale(self.ln2(self.ffn(x, grid)), self.gamma2)))
         else:
-            x = x + self.drop_path(_scale(self.att(self.ln1(x), grid), self.gamma1))
-            x = x + self.drop_path(_scale(self.ffn(self.ln2(x), grid), self.gamma2))
+            x = _residual(x, self.drop_path(_scale(self.att(self.ln1(x), grid), self.gamma1)))
+            x = _residual(x, self.drop_path(_scale(self.ffn(self.ln2(x), grid), self.gamma2)))
         return x
+
+
+def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch; without autograd, into the memory of branch (a block's fresh output, the same values)."""
+    if torch.is_grad_enabled() or branch.dtype != x.dtype:
+        return x + branch
+    return branch.add_(x)
 
 
 def _scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
@@ -399,7 +479,6 @@ class VRWKV(nn.Module):
             embed_dim=embed_dim,
             output_fmt="NHWC",
             strict_img_size=False,
-            dynamic_img_pad=True,
             **dd,
         )
         self.pos_embed_grid: tuple[int, int] = tuple(self.patch_embed.grid_size)
@@ -487,6 +566,10 @@ class VRWKV(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, C_in, H, W] image -> ([B, T, C] tokens with position embedding, (h, w) patch grid)."""
+        ph, pw = self.patch_embed.patch_size
+        pad_h, pad_w = -x.shape[-2] % ph, -x.shape[-1] % pw
+        if pad_h or pad_w:  # mmcv's "corner" padding (timm's dynamic_img_pad copies x even when it adds none)
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.patch_embed(x)  # (B, h, w, C)
         grid = (x.shape[1], x.shape[2])
         x = x.flatten(1, 2) + resize_pos_embed(self.pos_embed, self.pos_embed_grid, grid)
