@@ -3,14 +3,18 @@
 A synthetic checkpoint of the RWKV-7 0.1B shape (12 layers, width 768, vocab 65536, LoRA 64/64/32/128,
 official x070 format) is run by both implementations in fp32 on one thread: prefill of T tokens
 (logits for the last position only) and single-token decode. The package runs in a subprocess
-(RWKV_V7_ON=1 is read at its import) on the same file, and the two sides take turns, one timing each,
-so that both see the same machine load. The same script measures the fp32 GEMM roofline (the best
-large matmul) and counts the FLOPs a prefill needs, so prefill speed is also given as a fraction of
-that roofline, and the memory bandwidth (the best read of a 512 MB fp32 array) with the bytes of
-weights a decode step must read, so decode speed is also given as a fraction of that bound. Times are
-the best of `--repeats`; on a shared box only ratios taken in one run mean anything.
+(RWKV_V7_ON=1 is read at its import) on the same file, and the sides take turns, one timing each,
+so that all see the same machine load. rwkv_mm also decodes with int8 and bf16 weights
+(`rwkv_mm.lm.quant.quantize_`), with fp32 weights and a bf16 head, as a bf16 model (bf16 activations
+too), and 16 sequences at a time (aggregate tokens/s); every row's ratio is against the package's
+fp32. The same script measures the fp32 GEMM roofline (the best large torch matmul) and counts the
+FLOPs a prefill or a batched decode step needs, so those speeds are also given as a fraction of that
+roofline, and the memory bandwidth (the best read of a 512 MB fp32 array) with the bytes of weights
+a decode step must read, so decode speeds are also given as a fraction of that bound. Times are the
+best of `--repeats`; on a shared box only ratios taken in one run mean anything.
 
-Usage: ``python benchmarks/bench_lm.py [--tokens 1024] [--decode 32] [--repeats 3] [--threads 1]``
+Usage:
+    python benchmarks/bench_lm.py [--tokens 1024] [--decode 32] [--batch 16] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rwkv_mm.lm.checkpoint import RWKVConfig, synthetic_state_dict  # noqa: E402
 from rwkv_mm.lm.model import RWKVLM  # noqa: E402
+from rwkv_mm.lm.quant import quantize_  # noqa: E402
 
 CONFIG = RWKVConfig("v7", 12, 768, 65536, 3072, d_decay=64, d_aaa=64, d_mv=32, d_gate=128)
 
@@ -78,13 +83,19 @@ def stream_gbps(repeats: int = 5, megabytes: int = 512) -> float:
     return best
 
 
-def decode_bytes(c: RWKVConfig, itemsize: int = 4) -> float:
+def decode_bytes(c: RWKVConfig, itemsize: int = 4, head_itemsize: int | None = None) -> float:
     """Bytes of weights one decode step must read: every projection and LoRA matrix of every layer
     (layer 0 has no value-residual LoRA) and the head; the per-channel vectors are negligible."""
     C = c.n_embd
     lora = 2 * C * (c.d_decay + c.d_aaa + c.d_gate)
     per_layer = 4 * C * C + lora + 2 * C * c.dim_ffn
-    return itemsize * (c.n_layer * per_layer + 2 * C * c.d_mv * (c.n_layer - 1) + C * c.vocab_size)
+    body = itemsize * (c.n_layer * per_layer + 2 * C * c.d_mv * (c.n_layer - 1))
+    return body + (itemsize if head_itemsize is None else head_itemsize) * C * c.vocab_size
+
+
+def decode_flops(c: RWKVConfig) -> float:
+    """FLOPs of one decode token: a multiply-add per weight read (`decode_bytes`) and the WKV step."""
+    return 2 * (decode_bytes(c, 1) + c.n_layer * 4 * c.n_embd * c.head_size)
 
 
 def prefill_flops(c: RWKVConfig, T: int) -> float:
@@ -98,14 +109,28 @@ def prefill_flops(c: RWKVConfig, T: int) -> float:
 
 
 class Ours:
-    """rwkv_mm in this process."""
+    """rwkv_mm in this process: a model as loaded (fp32 or bf16), or with quantized weights, decoding
+    `batch` sequences at a time."""
 
-    def __init__(self, path: Path, T: int, n_decode: int, dtype: torch.dtype = torch.float32):
-        self.model = RWKVLM.from_file(path, dtype=dtype)
-        self.tokens = torch.randint(0, CONFIG.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    def __init__(
+        self,
+        path: Path,
+        T: int,
+        n_decode: int,
+        dtype: torch.dtype = torch.float32,
+        quant: str | None = None,
+        head: str | None = None,
+        batch: int = 1,
+        model: RWKVLM | None = None,
+    ):
+        self.model = model if model is not None else RWKVLM.from_file(path, dtype=dtype)
+        if quant:
+            quantize_(self.model, quant, head)
+        g = torch.Generator().manual_seed(0)
+        self.tokens = torch.randint(0, CONFIG.vocab_size, (batch, T), generator=g)
         self.n_decode = n_decode
-        with torch.inference_mode():
-            _, self.state = self.model(self.tokens)
+        with torch.inference_mode():  # the decode state: after T tokens (16 for a batch)
+            _, self.state = self.model(self.tokens if batch == 1 else self.tokens[:, :16])
 
     @torch.inference_mode()
     def time(self, what: str) -> float:
@@ -153,59 +178,81 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=1024, help="prefill length T")
     parser.add_argument("--decode", type=int, default=32, help="decode steps timed per repeat")
+    parser.add_argument("--batch", type=int, default=16, help="sequences of the batched decode row")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    T = args.tokens
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "rwkv7-0.1b-synthetic.pth"
         torch.save(synthetic_state_dict(CONFIG, seed=0), path)
-        roofline = gemm_gflops(CONFIG, args.tokens)
+        roofline = gemm_gflops(CONFIG, T)
         bandwidth = stream_gbps()
-        sides = {
-            "ours": Ours(path, args.tokens, args.decode),
-            "ours_bf16": Ours(path, args.tokens, args.decode, torch.bfloat16),
-            "pkg": Package(path, args.tokens, args.decode, args.threads),
+        ours = Ours(path, T, args.decode)
+        sides = {  # name -> (runner, what it times)
+            "ours": (ours, ("prefill", "decode")),
+            "ours_bf16": (Ours(path, T, args.decode, torch.bfloat16), ("prefill", "decode")),
+            "int8": (Ours(path, T, args.decode, quant="int8"), ("decode",)),
+            "bf16w": (Ours(path, T, args.decode, quant="bf16"), ("decode",)),
+            "bf16head": (Ours(path, T, args.decode, quant="fp32", head="bf16"), ("decode",)),
+            "batch": (Ours(path, T, args.decode, batch=args.batch, model=ours.model), ("decode",)),
+            "pkg": (Package(path, T, args.decode, args.threads), ("prefill", "decode")),
         }
-        best = {(side, what): float("inf") for side in sides for what in ("prefill", "decode")}
+        best = {(side, what): float("inf") for side, (_, whats) in sides.items() for what in whats}
         for _ in range(args.repeats):
             for what in ("prefill", "decode"):
-                for side, runner in sides.items():
-                    best[side, what] = min(best[side, what], runner.time(what))
-        sides["pkg"].close()
-        roofline = max(roofline, gemm_gflops(CONFIG, args.tokens))  # the box is shared: best of both
+                for side, (runner, whats) in sides.items():
+                    if what in whats:
+                        best[side, what] = min(best[side, what], runner.time(what))
+        sides["pkg"][0].close()
+        roofline = max(roofline, gemm_gflops(CONFIG, T))  # the box is shared: best of both
         bandwidth = max(bandwidth, stream_gbps())
-    ours = {"prefill_s": best["ours", "prefill"], "decode_s": best["ours", "decode"] / args.decode}
-    ours_bf16 = {
-        "prefill_s": best["ours_bf16", "prefill"],
-        "decode_s": best["ours_bf16", "decode"] / args.decode,
-    }
-    pkg = {"prefill_s": best["pkg", "prefill"], "decode_s": best["pkg", "decode"] / args.decode}
-    flops = prefill_flops(CONFIG, args.tokens)
-    step_bytes = decode_bytes(CONFIG)
+    prefill = {side: T / best[side, "prefill"] for side in ("ours", "ours_bf16", "pkg")}
+    decode = {side: args.decode / best[side, "decode"] for side in sides}  # tokens/s of one sequence
+    decode["batch"] *= args.batch  # aggregate
+    flops = prefill_flops(CONFIG, T)
+    step_bytes = {n: decode_bytes(CONFIG, size) for n, size in (("fp32", 4), ("bf16", 2), ("int8", 1))}
+    step_bytes["fp32, bf16 head"] = decode_bytes(CONFIG, 4, 2)
+    bound = {n: bandwidth * 1e9 / b for n, b in step_bytes.items()}  # tokens/s
 
-    print(f"RWKV-7 0.1B shape (L12 D768 V65536), fp32, {args.threads} thread(s), best of {args.repeats}")
+    print(f"RWKV-7 0.1B shape (L12 D768 V65536), {args.threads} thread(s), best of {args.repeats}")
     print(
         f"fp32 GEMM roofline (best large matmul): {roofline:.1f} GFLOP/s; "
-        f"prefill T={args.tokens} needs {flops / 1e9:.1f} GFLOP"
+        f"prefill T={T} needs {flops / 1e9:.1f} GFLOP"
     )
     print(
-        f"memory bandwidth (best 512 MB read): {bandwidth:.1f} GB/s; an fp32 decode step reads "
-        f"{step_bytes / 1e6:.0f} MB of weights: at most {bandwidth * 1e9 / step_bytes:.1f} tok/s"
+        f"memory bandwidth (best 512 MB read): {bandwidth:.1f} GB/s; a decode step reads "
+        + ", ".join(f"{b / 1e6:.0f} MB ({n}, at most {bound[n]:.1f} tok/s)" for n, b in step_bytes.items())
     )
-    print(f"{'':22s} {'rwkv_mm':>10s} {'rwkv pip':>10s} {'ratio':>7s}   (the package always in fp32)")
-    T = args.tokens
+    print(f"{'':26s} {'rwkv_mm':>10s} {'rwkv pip':>10s} {'ratio':>7s}   (the package always in fp32)")
+    pkg_pct = 100 * decode["pkg"] / bound["fp32"]
     rows = [
-        (f"prefill T={T} tok/s", T / ours["prefill_s"], T / pkg["prefill_s"]),
-        ("decode tok/s", 1 / ours["decode_s"], 1 / pkg["decode_s"]),
-        ("prefill % of roofline", *(100 * flops / s["prefill_s"] / 1e9 / roofline for s in (ours, pkg))),
-        ("decode % of bandwidth", *(100 * step_bytes / s["decode_s"] / 1e9 / bandwidth for s in (ours, pkg))),
-        (f"bf16 prefill T={T} tok/s", T / ours_bf16["prefill_s"], T / pkg["prefill_s"]),
-        ("bf16 decode tok/s", 1 / ours_bf16["decode_s"], 1 / pkg["decode_s"]),
+        (f"prefill T={T} tok/s", prefill["ours"], prefill["pkg"]),
+        ("decode tok/s", decode["ours"], decode["pkg"]),
+        (
+            "prefill % of roofline",
+            *(100 * flops * p / T / 1e9 / roofline for p in (prefill["ours"], prefill["pkg"])),
+        ),
+        ("decode % of bandwidth", 100 * decode["ours"] / bound["fp32"], pkg_pct),
+        (f"bf16 prefill T={T} tok/s", prefill["ours_bf16"], prefill["pkg"]),
+        ("bf16 decode tok/s", decode["ours_bf16"], decode["pkg"]),
+        ("int8-weight decode tok/s", decode["int8"], decode["pkg"]),
+        ("  % of int8 bandwidth", 100 * decode["int8"] / bound["int8"], pkg_pct),
+        ("bf16-weight decode tok/s", decode["bf16w"], decode["pkg"]),
+        ("  % of bf16 bandwidth", 100 * decode["bf16w"] / bound["bf16"], pkg_pct),
+        ("fp32, bf16-head decode", decode["bf16head"], decode["pkg"]),
+        ("  % of its bandwidth", 100 * decode["bf16head"] / bound["fp32, bf16 head"], pkg_pct),
+        (f"batch-{args.batch} decode tok/s", decode["batch"], decode["pkg"]),
     ]
     for name, a, b in rows:
-        print(f"{name:22s} {a:10.1f} {b:10.1f} {a / b:7.2f}")
+        print(f"{name:26s} {a:10.1f} {b:10.1f} {a / b:7.2f}")
+    batch_gflops = decode["batch"] * decode_flops(CONFIG) / 1e9
+    print(
+        f"batch-{args.batch} decode: {decode['batch'] / decode['ours']:.2f}x our one-sequence fp32 decode, "
+        f"{batch_gflops:.1f} GFLOP/s = {100 * batch_gflops / roofline:.0f}% of the roofline"
+    )
 
 
 if __name__ == "__main__":

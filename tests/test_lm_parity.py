@@ -29,6 +29,7 @@ from rwkv_mm.lm.checkpoint import (
 from rwkv_mm.lm.checkpoint import (
     main as checkpoint_main,
 )
+from rwkv_mm.lm.compat import state_from_package
 from rwkv_mm.lm.model import RWKVLM
 
 torch.set_num_threads(1)
@@ -89,20 +90,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def logit_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |Δ logits| / std(ref)."""
     return ((ours - ref).abs().max() / ref.std()).item()
-
-
-def pip_state_to_ours(state: list, version: str) -> RWKVState:
-    """The package's per-layer state list -> RWKVState (batch 1). Its v5/v6 CPU S is [H, key, value]."""
-    layers = []
-    if version == "v4":
-        for i in range(0, len(state), 5):
-            names = ("att_shift", "num", "den", "max", "ffn_shift")
-            layers.append({n: t[None] for n, t in zip(names, state[i : i + 5])})
-    else:
-        for i in range(0, len(state), 3):
-            s = state[i + 1].transpose(1, 2) if version in ("v5", "v6") else state[i + 1]
-            layers.append({"att_shift": state[i][None], "wkv": s[None], "ffn_shift": state[i + 2][None]})
-    return RWKVState(version, layers)
 
 
 def state_err(ours: RWKVState, ref: RWKVState) -> float:
@@ -192,8 +179,8 @@ def test_parity_with_rwkv_package(name, files, tokens, pip_results):
     errs = {
         "seq logits": logit_err(seq_logits, ref["seq_logits"]),
         "tok logits": logit_err(tok_logits, ref["tok_logits"]),
-        "seq state": state_err(seq_state, pip_state_to_ours(ref["seq_state"], version)),
-        "tok state": state_err(tok_state, pip_state_to_ours(ref["tok_state"], version)),
+        "seq state": state_err(seq_state, state_from_package(ref["seq_state"], version)),
+        "tok state": state_err(tok_state, state_from_package(ref["tok_state"], version)),
         "ours seq vs tok": logit_err(seq_logits, tok_logits),
     }
     print(name, {k: f"{v:.1e}" for k, v in errs.items()})
@@ -202,7 +189,7 @@ def test_parity_with_rwkv_package(name, files, tokens, pip_results):
     for k in ("seq state", "tok state"):
         assert errs[k] <= STATE_TOL, (k, errs[k])
     if version in ("v5", "v6"):  # the package's CPU layout really is [key, value]: untransposed it differs
-        raw = pip_state_to_ours(ref["seq_state"], "v7")
+        raw = state_from_package(ref["seq_state"], "v7")
         assert rel(seq_state.layers[0]["wkv"], raw.layers[0]["wkv"]) > 0.1
 
 

@@ -30,9 +30,9 @@ __all__ = ["OPS", "BACKENDS", "cuda_home", "load", "unavailable_reason"]
 
 logger = logging.getLogger(__name__)
 
-OPS = ("wkv4", "wkv6", "wkv7", "biwkv", "gemv")
+OPS = ("wkv4", "wkv6", "wkv7", "biwkv", "gemv", "decode7")
 BACKENDS = ("cpp", "cuda")
-# the ops each backend has kernels for (the decode GEMV is a CPU kernel only)
+# the ops each backend has kernels for (the decode kernels are CPU kernels only)
 OPS_BY_BACKEND = {"cpp": OPS, "cuda": ("wkv4", "wkv6", "wkv7", "biwkv")}
 KERNELS_DIR = Path(__file__).resolve().parent
 CPP_FLAGS = ["-O3", "-march=native", "-fopenmp"]

@@ -18,6 +18,8 @@ v5 and v4 `lerp(shifted, x, mu)` (core/layers.py).
 from __future__ import annotations
 
 import logging
+import weakref
+from operator import attrgetter
 from os import PathLike
 
 import torch
@@ -38,6 +40,13 @@ LN_X_EPS = 64e-5  # GroupNorm of v5-v7 = 1e-5 * head_size_divisor(8)^2
 V7_DECAY_SCALE = 0.606531  # exp(-0.5), the package's literal: w = -0.606531 * sigmoid(.) in (-0.61, 0)
 # small per-channel tensors the package keeps in float32 whatever the activation dtype (v4-v6)
 FP32_KEYS = ("att.time_decay", "att.time_first", "att.time_faaaa")
+GEMV_MAX_ROWS = 64  # rows of x up to which fp32 projections take the decode kernel
+
+
+_EMPTY = torch.empty(0)  # "no tensor" in the fused decode kernel's argument lists
+# RWKVLM -> its fused decode blocks ([] when it cannot use them), built on first use; kept outside the
+# module so that copies and pickles of a model never carry kernel objects
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _param(*shape: int, device=None, dtype=None) -> nn.Parameter:
@@ -50,12 +59,12 @@ def _last(x: Tensor) -> Tensor:
 
 
 def _linear(x: Tensor, weight: Tensor) -> Tensor:
-    """`F.linear(x, weight)`: x [..., in] @ weight[out, in].T. Few rows (one-token decode: B * T <= 4) in
-    fp32 on the CPU go through the compiled matrix-vector kernel (`rwkv_mm.kernels.gemv`), which streams
-    a column-major weight (a row-major weight.T) close to the memory bandwidth; anything else (prefill
-    GEMMs, other dtypes or devices, no kernel) is torch's."""
+    """`F.linear(x, weight)`: x [..., in] @ weight[out, in].T. Few rows (decode: B * T <= 64) in fp32 on
+    the CPU go through the compiled kernel (`rwkv_mm.kernels.gemv`: a matrix-vector product streaming a
+    column-major weight (a row-major weight.T) close to the memory bandwidth up to 4 rows, a register-
+    tiled GEMM above); anything else (prefill GEMMs, other dtypes or devices, no kernel) is torch's."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows <= 4 and x.dtype == torch.float32 and x.device.type == "cpu":
+    if rows <= GEMV_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
         gemv = kernels.get("gemv", "cpp", warn_on_fallback=True)
         if gemv is not None:
             return gemv(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
@@ -74,6 +83,41 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return _linear(x, self.weight) if self.bias is None else _linear(x, self.weight) + self.bias
+
+    def decode_weights(self) -> tuple[Tensor, Tensor] | None:
+        """What the fused decode kernel reads: (weight [out, in] column-major, empty scale), or None when
+        the kernel cannot take this layer (a bias, another layout or dtype)."""
+        w = self.weight
+        if self.bias is not None or w.dtype != torch.float32 or not w.t().is_contiguous():
+            return None
+        return w, _EMPTY
+
+
+def _decode_vector(block: nn.Module, name: str) -> Tensor:
+    """A per-channel tensor of the fused decode kernel ("ln1.weight", "att.x_r", ...); empty when the
+    block lacks it (v0 in layer 0)."""
+    try:
+        return attrgetter(name)(block)
+    except AttributeError:
+        return _EMPTY
+
+
+def _decode_matrix(block: nn.Module, name: str) -> tuple[Tensor, Tensor] | None:
+    """The (weight, scale) pair the fused decode kernel reads for `name` ("att.key", "att.w1", ...):
+    a projection's `decode_weights()`, a LoRA matrix [in, out] (or its packed form `<name>_packed` /
+    `<name>_scale`, set by `rwkv_mm.lm.quant`), empty tensors for a matrix the block lacks (v1, v2 in
+    layer 0); None when the kernel cannot read it."""
+    parent, attr = name.split(".")
+    owner = getattr(block, parent)
+    item = getattr(owner, attr, None)
+    if item is None:
+        return _EMPTY, _EMPTY
+    if isinstance(item, nn.Module):
+        return item.decode_weights() if hasattr(item, "decode_weights") else None
+    packed = getattr(owner, f"{attr}_packed", None)
+    if packed is not None:
+        return packed, getattr(owner, f"{attr}_scale")
+    return (item, _EMPTY) if item.dtype == torch.float32 and item.is_contiguous() else None
 
 
 class TimeMix7(nn.Module):
@@ -132,7 +176,7 @@ class TimeMix7(nn.Module):
         if self.layer_id == 0:
             v_first = v
         else:
-            v = torch.lerp(v, v_first, torch.sigmoid(self.v0 + low_rank(xv, self.v1, self.v2)))
+            v = torch.lerp(v, v_first, torch.sigmoid(self.v0 + low_rank(xv, self.v1, self.v2)).to(v.dtype))
         r, k, v, a = (t.view(B, T, H, N) for t in (r, k, v, a))  # (B, T, H, N)
         y, wkv = wkv7(r, w.view(B, T, H, N), k, v, -kk, kk * a, state["wkv"])
         y = head_group_norm(y.view(B, T, C), H, self.ln_x.weight, self.ln_x.bias, LN_X_EPS)
@@ -348,6 +392,10 @@ class Block(nn.Module):
         return x, new, v_first
 
 
+def _reset_after_load(module: nn.Module, incompatible_keys) -> None:
+    module.reset_decode_cache()
+
+
 class RWKVLM(nn.Module):
     """An RWKV language model (v4-v7) with recurrent state.
 
@@ -372,6 +420,7 @@ class RWKVLM(nn.Module):
         for module in self.modules():  # every projection, core.layers.ChannelMix's included
             if type(module) is nn.Linear:
                 module.__class__ = DecodeLinear
+        self.register_load_state_dict_post_hook(_reset_after_load)
 
     @classmethod
     def from_file(
@@ -441,9 +490,11 @@ class RWKVLM(nn.Module):
         """Run tokens through the model, continuing from `state`.
 
         Prefill (T > 1) runs every projection as one GEMM over the B*T rows and the WKV through the
-        chunked (or compiled) ops. Decode (T == 1) is the same code on [B, 1, C] without copies: the
-        token shift reads the carried state directly and the new shifts are views. The head runs only
-        on the positions whose logits are returned.
+        chunked (or compiled) ops. Decode (T == 1) of an RWKV-7 float32 model on the CPU runs each
+        block as one call of the fused kernel (`rwkv_mm.kernels.decode7`; the same arithmetic, no
+        per-op dispatch; int8 / bf16 weights of `rwkv_mm.lm.quant` included); otherwise it is the
+        same code as prefill on [B, 1, C], without copies. The head runs only on the positions whose
+        logits are returned.
 
         Args:
             tokens: LongTensor [B, T], T >= 1.
@@ -457,6 +508,11 @@ class RWKVLM(nn.Module):
             raise ValueError(f"tokens must be [B, T] with T >= 1, got shape {list(tokens.shape)}")
         B, T = tokens.shape
         state = self._check_state(state, B)
+        if T == 1:
+            blocks = self._fused_blocks()
+            if blocks:
+                logits, state = self._decode_fused(blocks, tokens[:, 0], state)
+                return (logits.unsqueeze(1) if full_output else logits), state
         x = self.blocks[0].ln0(self.emb(tokens))  # (B, T, C)
         v_first = None
         layers = []
@@ -467,6 +523,68 @@ class RWKVLM(nn.Module):
             x = x[:, -1]  # (B, C): the head only where logits are needed
         logits = self.head(self.ln_out(x)).float()
         return logits, RWKVState(self.config.version, layers)
+
+    def _decode_fused(self, blocks: list, token: Tensor, state: RWKVState) -> tuple[Tensor, RWKVState]:
+        """One token per sequence through the fused RWKV-7 block kernel. token: [B]; returns [B, V]."""
+        x = self.blocks[0].ln0(self.emb(token))  # (B, C)
+        v_first = _EMPTY
+        layers = []
+        for block, s in zip(blocks, state.layers):
+            x, att, wkv, ffn, v_first = block(x, s["att_shift"], s["wkv"], s["ffn_shift"], v_first)
+            layers.append({"att_shift": att, "wkv": wkv, "ffn_shift": ffn})
+        return self.head(self.ln_out(x)).float(), RWKVState(self.config.version, layers)
+
+    def _fused_blocks(self) -> list:
+        """The fused decode kernel's blocks (`rwkv_mm.kernels.decode7`), or an empty list when this model
+        cannot use it: not RWKV-7, not float32 on the CPU, gradients wanted, a weight it cannot read,
+        or no kernel."""
+        if (
+            self.config.version != "v7"
+            or self.emb.weight.dtype != torch.float32
+            or self.emb.weight.device.type != "cpu"
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        ):
+            return []
+        blocks = _FUSED.get(self)
+        if blocks is None:
+            blocks = _FUSED[self] = self._build_fused()
+        return blocks
+
+    def uses_fused_decode(self) -> bool:
+        """Whether one-token steps (T == 1) run through the fused RWKV-7 block kernel, under the current
+        grad mode (False for other versions, dtypes or devices, or without the compiled kernel)."""
+        return bool(self._fused_blocks())
+
+    def _build_fused(self) -> list:
+        block_cls = kernels.get("decode7", "cpp", warn_on_fallback=True)
+        if block_cls is None:
+            return []
+        from ..kernels.decode7 import MATS, VECS
+
+        fused = []
+        for block in self.blocks:
+            vecs = [_decode_vector(block, n) for n in VECS]
+            mats = [_decode_matrix(block, n) for n in MATS]
+            if any(m is None for m in mats) or any(v.dtype != torch.float32 for v in vecs):
+                logger.info("a weight is in a layout the fused decode kernel cannot read: decoding in torch")
+                return []
+            fused.append(block_cls(vecs, [m[0] for m in mats], [m[1] for m in mats], self.config.head_size))
+        return fused
+
+    def reset_decode_cache(self) -> None:
+        """Forget the fused decode kernel's view of the weights; the next decode step rebuilds it. Called by
+        `load_state_dict`, `.to()` and `rwkv_mm.lm.quant.quantize_`; call it after replacing modules."""
+        _FUSED.pop(self, None)
+
+    def _apply(self, fn, recurse=True):
+        self.reset_decode_cache()
+        return super()._apply(fn, recurse)
+
+    def generate_batch(self, *args, **kwargs):
+        """Batched generation: `rwkv_mm.lm.generate.generate_batch(self, *args, **kwargs)`."""
+        from .generate import generate_batch
+
+        return generate_batch(self, *args, **kwargs)
 
     def _check_state(self, state: RWKVState | None, batch_size: int) -> RWKVState:
         if state is None:
