@@ -23,8 +23,22 @@ def test_wheel_contains_every_asset_file(tmp_path):
         ROOT,
         src,
         ignore=shutil.ignore_patterns(
-            ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "staging"
-        ),
+            ".venv",
+            ".git",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".pytest_cache",
+            "staging",
+            "runs",
+            ".carry",
+            ".upstream",
+            ".torch_extensions",
+            ".hypothesis",
+            ".ruff_cache",
+            ".rwkv-embed",
+        ),  # build outputs and local working folders (gitignored: a clean clone has none of them)
     )
     subprocess.run(
         [
