@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # torch comes first and pinned, so that installing the package never pulls another multi-GB build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.rwkv-mm-installed
+DEMO_STAMP := $(VENV)/.rwkv-mm-demo-installed
 
 .PHONY: demo test bench kernels lint clean
 
@@ -14,8 +15,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m rwkv_mm.tour
+# the demo needs only the package and its `demo` extra (a quicker first start than the dev tools)
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(PY) -m demos.app --host 127.0.0.1 --port 7860
 
 test: $(STAMP)
 	$(PY) -m pytest -q
