@@ -1,10 +1,10 @@
 """rwkv-serve under load: aggregate decode tokens/s with 1, 4 and 16 concurrent streaming clients, and
 the time to first token of a follow-up chat turn with and without the prefix-state cache.
 
-The server runs in this process on 127.0.0.1 over the synthetic 0.1B-shaped x070 checkpoint of
-bench_lm.py (12 layers, 768 wide, vocab 65536), fp32, 1 engine thread; clients are threads streaming
-through httpx. Aggregate throughput = completion tokens of all clients / wall time of the round; the
-single-client row is the baseline the ratios use. Usage:
+The server is `rwkv-serve` in a subprocess on 127.0.0.1 over the synthetic 0.1B-shaped x070 checkpoint
+of bench_lm.py (12 layers, 768 wide, vocab 65536), fp32, 1 engine thread; clients are threads of this
+process streaming through httpx. Aggregate throughput = completion tokens of all clients / wall time
+of the round; the single-client row is the baseline the ratios use. Usage:
 ``python benchmarks/bench_serve.py [--tokens 48] [--clients 1 4 16]``.
 """
 
@@ -14,43 +14,51 @@ import argparse
 import concurrent.futures
 import json
 import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import torch
-import uvicorn
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_lm import CONFIG  # noqa: E402
 from rwkv_mm.lm.checkpoint import synthetic_state_dict  # noqa: E402
-from rwkv_mm.lm.model import RWKVLM  # noqa: E402
-from rwkv_mm.serve import Engine, PrefixCache, ServerConfig, build_app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Server:
-    def __init__(self, lm, max_batch: int, cache_bytes: int) -> None:
-        self.engine = Engine(lm, lm.default_tokenizer(), max_batch=max_batch, cache=PrefixCache(cache_bytes))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        app = build_app(self.engine, ServerConfig(model_name="bench"))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
+    """`python -m rwkv_mm.serve` on a free port, until `close()`."""
+
+    def __init__(self, model: Path, max_batch: int, cache_mb: int) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        args = ["--model", str(model), "--port", str(port), "--max-batch", str(max_batch),
+                "--prefix-cache-mb", str(cache_mb), "--model-name", "bench"]  # fmt: skip
+        self.proc = subprocess.Popen([sys.executable, "-m", "rwkv_mm.serve", *args], cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         self.url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.time() + 300
+        while True:
+            try:
+                httpx.get(f"{self.url}/models", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("rwkv-serve did not start") from None
+                time.sleep(0.5)
+
+    def stats(self) -> dict:
+        return httpx.get(self.url.removesuffix("/v1") + "/stats", timeout=10).json()
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join()
-        self.engine.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 def stream_chat(url: str, messages: list, max_tokens: int, seed: int) -> tuple[float, int]:
@@ -102,24 +110,22 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48, help="max_tokens per request")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     args = p.parse_args()
-    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "rwkv7-0.1b-synthetic.safetensors"
         save_file(synthetic_state_dict(CONFIG, seed=0), str(path))
-        lm = RWKVLM.from_file(path)
-    server = Server(lm, max_batch=max(args.clients), cache_bytes=512 * 2**20)
-    try:
-        throughput(server.url, 1, 8)  # warm-up (kernel builds, allocator)
-        rates = {n: throughput(server.url, n, args.tokens) for n in args.clients}
-        ttft_cached = follow_up_ttft(server.url)
-        stats = server.engine.stats()["prefix_cache"]
-    finally:
-        server.close()
-    uncached = Server(lm, max_batch=1, cache_bytes=0)
-    try:
-        ttft_uncached = follow_up_ttft(uncached.url)
-    finally:
-        uncached.close()
+        server = Server(path, max_batch=max(args.clients), cache_mb=512)
+        try:
+            throughput(server.url, 1, 8)  # warm-up (kernel builds, allocator)
+            rates = {n: throughput(server.url, n, args.tokens) for n in args.clients}
+            ttft_cached = follow_up_ttft(server.url)
+            stats = server.stats()["prefix_cache"]
+        finally:
+            server.close()
+        uncached = Server(path, max_batch=1, cache_mb=0)
+        try:
+            ttft_uncached = follow_up_ttft(uncached.url)
+        finally:
+            uncached.close()
 
     base = rates[min(args.clients)]
     print(f"rwkv-serve, synthetic RWKV-7 0.1B shape, fp32, 1 engine thread, {args.tokens} tokens per request")
