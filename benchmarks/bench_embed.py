@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.n / min(times["all-MiniLM-L6-v2"])
     print(f"\n{args.n} sentences of 16 words, batch {args.batch_size}, {args.threads} thread(s), best of "
           f"{args.repeats} (MiniLM: {bert_tokens:.1f} tokens/sentence incl. [CLS]/[SEP])")  # fmt: skip
-    print(f"{'model':<44} {'tokens/sent':>11} {'sent/s':>8} {'median':>8} {'vs MiniLM':>9}")
+    print(f"{'model':<44} {'tokens/sent':>11} {'sent/s':>8} {'median':>8} {'tokens/s':>9} {'vs MiniLM':>9}")
     for name, ts in times.items():
         rate = args.n / min(ts)
         median = args.n / sorted(ts)[len(ts) // 2]
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             emb = models[list(sides).index(name) - 1]
             tok = sum(len(s) for s in emb.tokenize(texts)) / len(texts)
-        print(f"{name:<44} {tok:>11.1f} {rate:>8.0f} {median:>8.0f} {rate / base:>8.2f}x")
+        print(f"{name:<44} {tok:>11.1f} {rate:>8.0f} {median:>8.0f} {rate * tok:>9.0f} {rate / base:>8.2f}x")
     return 0
 
 

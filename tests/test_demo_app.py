@@ -1,8 +1,8 @@
 """The demo app's endpoints, driven over HTTP with gradio_client (one app for the module, on loopback).
 
 Chat uses the bundled tiny LM (a random byte-level checkpoint while it is absent), Search a deterministic
-word-hash embedder on a three-file corpus (plus one test of the bundled embedder, skipped until that asset
-exists), Classify the bundled Fashion-MNIST VRWKV on the example images.
+word-hash embedder on a three-file corpus (plus one test of the bundled embedder, and one of an install
+without it), Classify the bundled Fashion-MNIST VRWKV on the example images.
 """
 
 from __future__ import annotations
@@ -186,10 +186,6 @@ def test_search_bad_input_shows_a_message(app, folder, query, message):
         c.predict(folder or str(app[1]), query, 3, api_name="/search")
 
 
-@pytest.mark.skipif(
-    not demo_support.bundled_embedder_available(),
-    reason="the bundled embedder (asset rwkv_mm/assets/embedder) is not installed yet",
-)
 def test_search_with_the_bundled_embedder(tmp_path):
     from demos.search_tab import SearchBackend
 
@@ -204,12 +200,11 @@ def test_search_with_the_bundled_embedder(tmp_path):
         backend.close()
 
 
-@pytest.mark.skipif(
-    demo_support.bundled_embedder_available(), reason="the bundled embedder is installed: nothing is missing"
-)
-def test_search_without_the_embedder_says_so(tmp_path):
+def test_search_without_the_embedder_says_so(tmp_path, monkeypatch):
     from demos.search_tab import SearchBackend, UserInputError
+    from rwkv_mm import assets
 
+    monkeypatch.setattr(assets, "ROOT", tmp_path / "no-assets")  # an install without the embedder asset
     backend = SearchBackend(tmp_path / "indexes")
     try:
         assert "embedder" in backend.problem()

@@ -427,6 +427,9 @@ class Embedder:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.model.state_dict().items()}
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": CONFIG_FORMAT})
+        os.chmod(
+            folder / "model.safetensors", 0o644
+        )  # safetensors writes 0600; the file ships as package data
         config = EmbedderConfig.from_json({**self.config.to_json(), "pooling": self.pooling})
         tok_path = getattr(self.tokenizer, "path", None)
         if tok_path is not None and config.tokenizer not in BUILTIN_TOKENIZERS and Path(tok_path).is_file():

@@ -50,6 +50,7 @@ def write_provenance(
     dev: dict[str, float],
     eval_json: str | Path | None = None,
     speed: str | None = None,
+    notes: str | None = None,
 ) -> Path:
     """Write ``folder/PROVENANCE.md`` (see the module docstring). Returns its path."""
     folder, run = Path(folder), Path(run)
@@ -153,8 +154,12 @@ def write_provenance(
             "",
             "## Speed (`benchmarks/bench_embed.py`, 1 thread, batch 32, 16-word sentences)",
             "",
+            "```",
             speed,
+            "```",
         ]
+    if notes:
+        lines += ["", "## Notes", "", notes]
     lines += ["", "## WordNet notice", "", WORDNET_NOTICE, ""]
     path = folder / "PROVENANCE.md"
     path.write_text("\n".join(lines))
