@@ -396,7 +396,8 @@ def _units(block: list[tuple[int, str]], max_chars: int) -> list[list[tuple[int,
     group: list[tuple[int, str]] = []
     size = 0
     for no, text in block:
-        pieces = [text[i : i + max_chars] for i in range(0, len(text), max_chars)] or [text]
+        pieces = [text[i : i + max_chars] for i in range(0, len(text), max_chars)]
+        pieces = [p for p in pieces if p.strip()] or [text]  # a cut can leave a piece of only indentation
         for piece in pieces:
             if group and size + len(piece) + 1 > max_chars:
                 units.append(group)
