@@ -26,24 +26,9 @@ import uvicorn  # noqa: E402
 from rwkv_mm import assets  # noqa: E402
 from rwkv_mm.lm.model import RWKVLM  # noqa: E402
 from rwkv_mm.serve import Engine, Job, PrefixCache, ServerConfig, build_app, chat_segments  # noqa: E402
+from tests.embed_helpers import HashEmbedder  # noqa: E402  (the server only relays vectors)
 
 KEY = "test-key"
-
-
-class HashEmbedder:
-    """A deterministic bag-of-words embedder (the server only relays vectors; the real one is tested in
-    the embeddings tests)."""
-
-    dim = 32
-
-    def encode(self, sentences, normalize_embeddings=False):
-        out = np.zeros((len(sentences), self.dim), dtype=np.float32)
-        for i, s in enumerate(sentences):
-            for word in s.split():
-                out[i, hash(word) % self.dim] += 1.0 + len(word)
-        if normalize_embeddings:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +160,7 @@ def test_stop_strings_and_completions(server):
 def test_embeddings_shape_and_norm(server):
     r = server.client.embeddings.create(model="rwkv-embed", input=["a cat sat", "the dog ran far"])
     vecs = np.array([d.embedding for d in r.data])
-    assert vecs.shape == (2, HashEmbedder.dim)
+    assert vecs.shape == (2, HashEmbedder().dim)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
     one = server.client.embeddings.create(model="rwkv-embed", input="a cat sat")
     np.testing.assert_allclose(one.data[0].embedding, vecs[0], rtol=1e-6)
