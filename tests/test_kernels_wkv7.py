@@ -18,7 +18,13 @@ from torch import Tensor
 from rwkv_mm import kernels
 from rwkv_mm.core import ops
 from rwkv_mm.core.reference import naive_wkv7
-from tests.wkv_inputs import assert_close, cast_inputs, wkv7_inputs
+from tests.wkv_inputs import (
+    assert_close,
+    cast_inputs,
+    check_against_reference,
+    forward_backward,
+    wkv7_inputs,
+)
 
 SEQ = ("r", "w", "k", "v", "a", "b")  # the [B, T, H, N] inputs
 
@@ -28,34 +34,6 @@ def wkv7_cpp() -> Callable:
     fn = kernels.get("wkv7", "cpp")
     assert fn is not None, f"the wkv7 cpp kernel is unavailable: {kernels.unavailable_reason('wkv7', 'cpp')}"
     return fn
-
-
-def forward_backward(fn: Callable, x: dict, seed: int = 42) -> tuple[Tensor, Tensor, dict]:
-    """y, final state and the gradients of sum(y * dy) + sum(state * dstate) for random dy, dstate."""
-    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items() if t is not None}
-    y, s = fn(**leaves, **{n: None for n, t in x.items() if t is None})
-    g = torch.Generator().manual_seed(seed)
-    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    ds = torch.randn(s.shape, generator=g, dtype=torch.float64)
-    loss = (y.double() * dy).sum() + (s.double() * ds).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)  # T = 0: only the state
-    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, leaves.values())]
-    return y.detach(), s.detach(), dict(zip(leaves, grads))
-
-
-def check_against_reference(fn: Callable, x: dict, rel: float, rel_half: float = 0.0) -> None:
-    """fn on x vs the float64 reference on the same values: within rel x max|ref|, or rel_half for the
-    outputs and gradients that are rounded to bf16 / fp16."""
-    y_ref, s_ref, g_ref = forward_backward(naive_wkv7, cast_inputs(x, torch.float64))
-    y, s, g = forward_backward(fn, x)
-    tol = lambda t: rel_half if t.dtype in (torch.bfloat16, torch.float16) else rel  # noqa: E731
-    assert y.dtype == x["r"].dtype
-    assert s.dtype == (torch.float64 if x["r"].dtype == torch.float64 else torch.float32)
-    assert_close("y", y_ref, y, tol(y))
-    assert_close("state", s_ref, s, tol(s))
-    for name in g_ref:
-        assert g[name].dtype == x[name].dtype and g[name].shape == x[name].shape
-        assert_close(f"d{name}", g_ref[name], g[name], tol(g[name]))
 
 
 SHAPES = [
@@ -71,23 +49,23 @@ SHAPES = [
 @pytest.mark.parametrize("B,T,H,N", SHAPES)
 def test_float32_matches_reference(wkv7_cpp: Callable, B: int, T: int, H: int, N: int) -> None:
     """Must show: outputs, final state and all gradients within 1e-5 x max|ref| in float32."""
-    check_against_reference(wkv7_cpp, wkv7_inputs(B, T, H, N, torch.float32), 1e-5)
+    check_against_reference(wkv7_cpp, naive_wkv7, wkv7_inputs(B, T, H, N, torch.float32), 1e-5)
 
 
 @pytest.mark.parametrize("T", [1, 40], ids=lambda T: f"T{T}")
 def test_float64_matches_reference_to_rounding(wkv7_cpp: Callable, T: int) -> None:
-    check_against_reference(wkv7_cpp, wkv7_inputs(2, T, 2, 16, torch.float64), 1e-12)
+    check_against_reference(wkv7_cpp, naive_wkv7, wkv7_inputs(2, T, 2, 16, torch.float64), 1e-12)
 
 
 @pytest.mark.parametrize("decay", [20.0, 2000.0], ids=lambda d: f"decay{d:g}")
 def test_decays_beyond_the_rwkv7_bound(wkv7_cpp: Callable, decay: float) -> None:
     """Log decays far below -0.6065 per step are computed like any others (no bound assumed)."""
-    check_against_reference(wkv7_cpp, wkv7_inputs(2, 50, 2, 16, torch.float32, decay=decay), 1e-5)
+    check_against_reference(wkv7_cpp, naive_wkv7, wkv7_inputs(2, 50, 2, 16, torch.float32, decay=decay), 1e-5)
 
 
 def test_no_initial_state_means_zeros(wkv7_cpp: Callable) -> None:
     x = wkv7_inputs(2, 20, 2, 16, torch.float32, state=False)
-    check_against_reference(wkv7_cpp, x, 1e-5)
+    check_against_reference(wkv7_cpp, naive_wkv7, x, 1e-5)
     y0, s0 = wkv7_cpp(**dict(x, state=torch.zeros(2, 2, 16, 16)))
     y, s = wkv7_cpp(**x)
     assert torch.equal(y, y0) and torch.equal(s, s0)
@@ -127,14 +105,14 @@ def test_half_precision_inputs(wkv7_cpp: Callable, dtype: torch.dtype) -> None:
     """
     x = wkv7_inputs(2, 100, 2, 64, dtype)
     rounding = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    check_against_reference(wkv7_cpp, x, 1e-5, rel_half=rounding)
+    check_against_reference(wkv7_cpp, naive_wkv7, x, 1e-5, rel_half=rounding)
 
 
 def test_public_op_uses_the_kernel(wkv7_cpp: Callable) -> None:
     """rwkv_mm.core.ops.wkv7(..., backend="cpp") runs this kernel, forward and backward."""
     x = wkv7_inputs(2, 33, 2, 16, torch.float32)
     op = lambda **kw: ops.wkv7(**kw, backend="cpp")  # noqa: E731
-    check_against_reference(op, x, 1e-5)
+    check_against_reference(op, naive_wkv7, x, 1e-5)
     y_op, s_op = op(**x)
     y, s = wkv7_cpp(**x)
     assert torch.equal(y_op, y) and torch.equal(s_op, s)
@@ -155,4 +133,4 @@ def test_mixed_dtypes_and_strided_inputs(wkv7_cpp: Callable) -> None:
     x = wkv7_inputs(2, 30, 2, 16, torch.float32)
     x["w"] = x["w"].double()
     x["k"] = x["k"].transpose(0, 1).contiguous().transpose(0, 1)  # a strided view
-    check_against_reference(wkv7_cpp, x, 1e-5)
+    check_against_reference(wkv7_cpp, naive_wkv7, x, 1e-5)

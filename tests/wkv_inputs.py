@@ -1,6 +1,10 @@
-"""Random inputs for the WKV ops, shaped like what the models feed them, and a named closeness check."""
+"""Random inputs for the WKV ops, shaped like what the models feed them, a named closeness check, and the
+forward + backward comparison of a matrix-state kernel (wkv6, wkv7; CPU or CUDA) with its float64
+reference."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +57,20 @@ def wkv6_inputs(
         u=rand(H, N),
         state=rand(B, H, N, N) if state else None,
     )
+    return cast_inputs(x, dtype)
+
+
+def wkv6_decay_inputs(
+    B: int, T: int, H: int, N: int, dtype: torch.dtype, decay: str = "typical", state: bool = True
+) -> dict:
+    """wkv6_inputs with the log decays drawn per ``decay``: "typical" (w = -exp(N(-1, 1))), "extreme"
+    (uniform in [-30, 0]), "huge" (5 % of the steps decay by e^-1e30) or "rwkv5" ([H, N], time-constant)."""
+    x = wkv6_inputs(B, T, H, N, torch.float64, w_min=-30.0 if decay == "extreme" else None, state=state)
+    g = torch.Generator().manual_seed(7)
+    if decay == "huge":
+        x["w"] = torch.where(torch.rand(x["w"].shape, generator=g, dtype=torch.float64) < 0.05, -1e30, x["w"])
+    elif decay == "rwkv5":
+        x["w"] = -torch.exp(1.5 * torch.randn(H, N, generator=g, dtype=torch.float64))
     return cast_inputs(x, dtype)
 
 
@@ -109,3 +127,34 @@ def assert_close(name: str, ref: Tensor, out: Tensor, rel: float) -> None:
     scale = ref64.abs().max().item() or 1.0
     err = (out64 - ref64).abs().max().item()
     assert err <= rel * scale, f"{name}: max abs err {err:.3g} > {rel:g} x max|ref| {scale:.3g}"
+
+
+def forward_backward(fn: Callable, x: dict, seed: int = 42) -> tuple[Tensor, Tensor, dict]:
+    """y, final state and the gradients of sum(y * dy) + sum(state * dstate) for random dy, dstate, all
+    returned on the CPU (``fn`` runs on the device of ``x``)."""
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items() if t is not None}
+    y, s = fn(**leaves, **{n: None for n, t in x.items() if t is None})
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)
+    ds = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.device)
+    loss = (y.double() * dy).sum() + (s.double() * ds).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)  # T = 0: only the state
+    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, leaves.values())]
+    return y.detach().cpu(), s.detach().cpu(), {n: gr.cpu() for n, gr in zip(leaves, grads)}
+
+
+def check_against_reference(
+    fn: Callable, reference: Callable, x: dict, rel: float, rel_half: float = 0.0, device: str = "cpu"
+) -> None:
+    """fn on x (moved to ``device``) vs the float64 ``reference`` on the same values: within rel x max|ref|,
+    or rel_half for the outputs and gradients that are rounded to bf16 / fp16."""
+    y_ref, s_ref, g_ref = forward_backward(reference, cast_inputs(x, torch.float64))
+    y, s, g = forward_backward(fn, {n: t.to(device) if t is not None else None for n, t in x.items()})
+    tol = lambda t: rel_half if t.dtype in (torch.bfloat16, torch.float16) else rel  # noqa: E731
+    assert y.dtype == x["r"].dtype
+    assert s.dtype == (torch.float64 if x["r"].dtype == torch.float64 else torch.float32)
+    assert_close("y", y_ref, y, tol(y))
+    assert_close("state", s_ref, s, tol(s))
+    for name in g_ref:
+        assert g[name].dtype == x[name].dtype and g[name].shape == x[name].shape
+        assert_close(f"d{name}", g_ref[name], g[name], tol(g[name]))

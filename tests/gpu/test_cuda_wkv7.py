@@ -11,12 +11,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch import Tensor
 
 from rwkv_mm import kernels
 from rwkv_mm.core import ops
 from rwkv_mm.core.reference import naive_wkv7
-from tests.wkv_inputs import assert_close, cast_inputs, wkv7_inputs
+from tests.wkv_inputs import assert_close, check_against_reference, forward_backward, wkv7_inputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,29 +38,10 @@ def wkv7_cuda() -> Callable:
     return fn
 
 
-def forward_backward(fn: Callable, x: dict, seed: int = 42) -> tuple[Tensor, Tensor, dict]:
-    """y, final state and the gradients of sum(y * dy) + sum(state * dstate), all on the CPU."""
-    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items() if t is not None}
-    y, s = fn(**leaves, **{n: None for n, t in x.items() if t is None})
-    g = torch.Generator().manual_seed(seed)
-    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)
-    ds = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.device)
-    loss = (y.double() * dy).sum() + (s.double() * ds).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return y.detach().cpu(), s.detach().cpu(), {n: gr.cpu() for n, gr in zip(leaves, grads)}
-
-
 def check(fn: Callable, x: dict) -> None:
-    dtype = x["r"].dtype
-    y_ref, s_ref, g_ref = forward_backward(naive_wkv7, cast_inputs(x, torch.float64))
-    y, s, g = forward_backward(fn, {n: t.cuda() if t is not None else None for n, t in x.items()})
-    tol = lambda t: REL[t.dtype]  # noqa: E731
-    assert y.dtype == dtype and s.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_close("y", y_ref, y, tol(y))
-    assert_close("state", s_ref, s, tol(s))
-    for name in g_ref:
-        assert g[name].dtype == x[name].dtype
-        assert_close(f"d{name}", g_ref[name], g[name], tol(g[name]))
+    """fn on CUDA vs the float64 reference on the CPU, within REL[dtype] x max|ref|."""
+    rel = REL[torch.float64 if x["r"].dtype == torch.float64 else torch.float32]
+    check_against_reference(fn, naive_wkv7, x, rel, REL.get(x["r"].dtype, 0.0), device="cuda")
 
 
 SHAPES = [
