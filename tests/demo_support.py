@@ -1,15 +1,11 @@
-"""Shared pieces of the demo app tests: a running app, a small chat model, a deterministic embedder."""
+"""Shared pieces of the demo app tests: a running app, a small chat model, a small corpus."""
 
 from __future__ import annotations
 
-import hashlib
-import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import numpy as np
 
 from rwkv_mm import assets
 
@@ -21,33 +17,6 @@ DOCS = {
     "vision.md": "# Classifying images\n\nUpload a picture of clothing; the Vision-RWKV model\n"
     "returns the five most likely labels such as sneaker or ankle boot.\n",
 }
-
-
-class WordHashEmbedder:
-    """A deterministic stand-in for the bundled embedder: hashed bag of lower-case words, L2-normalised.
-
-    Texts that share words get a positive cosine, so the tests know which chunk must come first.
-    """
-
-    dim = 64
-    model_id = "test-word-hash@1"
-    pooling = "mean"
-
-    def encode(
-        self,
-        sentences: list[str],
-        batch_size: int = 32,
-        show_progress_bar: bool | None = None,
-        normalize_embeddings: bool = False,
-        convert_to_numpy: bool = True,
-    ) -> np.ndarray:
-        out = np.zeros((len(sentences), self.dim), dtype=np.float32)
-        for i, text in enumerate(sentences):
-            for word in re.findall(r"[a-z]+", text.lower()):
-                out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
-        if normalize_embeddings:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
 
 
 def write_docs(folder: Path) -> Path:

@@ -26,6 +26,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from demos import classify_tab  # noqa: E402
 from rwkv_mm.vision.data import FASHION_MNIST_CLASSES  # noqa: E402
 from tests import demo_support  # noqa: E402
+from tests.embed_helpers import HashEmbedder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # gradio's queue calls pandas options that pandas 3 deprecates (harmless)
@@ -46,7 +47,7 @@ def chat_lm(tmp_path_factory) -> Path | None:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, chat_lm):
     with demo_support.running_app(
-        tmp_path_factory.mktemp("demo"), lm=chat_lm, embedder=demo_support.WordHashEmbedder()
+        tmp_path_factory.mktemp("demo"), lm=chat_lm, embedder=HashEmbedder(dim=64)
     ) as (url, docs):
         yield url, docs
 

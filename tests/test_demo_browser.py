@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import pytest
 
 from tests import demo_support
+from tests.embed_helpers import HashEmbedder
 
 REPO = Path(__file__).resolve().parent.parent
 # gradio's queue calls pandas options that pandas 3 deprecates (harmless)
@@ -90,7 +91,7 @@ def app(tmp_path_factory, browser):
     lm = None
     if not demo_support.bundled_lm_available():
         lm = demo_support.synthetic_lm(tmp_path_factory.mktemp("lm") / "synthetic-v7.safetensors")
-    embedder = None if demo_support.bundled_embedder_available() else demo_support.WordHashEmbedder()
+    embedder = None if demo_support.bundled_embedder_available() else HashEmbedder(dim=64)
     with demo_support.running_app(tmp_path_factory.mktemp("demo"), lm=lm, embedder=embedder) as (url, _):
         yield url
 
