@@ -8,11 +8,7 @@ RWKV-4 and the package's layer plan for strategy strings.
 """
 
 import copy
-import importlib.util
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,6 +26,7 @@ from rwkv_mm.lm.compat import (
     state_to_package,
 )
 from rwkv_mm.lm.model import RWKVLM
+from tests import rwkv_package
 
 torch.set_num_threads(1)
 
@@ -57,7 +54,6 @@ SEED = 1234
 LOGIT_TOL = 1e-4  # max |Δ logits| / std(logits), fp32 (test_lm_parity.py)
 STATE_TOL = 1e-4  # max |Δ| / max |ref| per state tensor
 
-HAS_RWKV = importlib.util.find_spec("rwkv") is not None
 
 # what users run (the package README), plus forward calls with states; results saved for the test
 V7_RUNNER = r"""
@@ -132,17 +128,6 @@ def list_err(ours: list, ref: list) -> float:
     return max(errs)
 
 
-def run_package(runner: str, job: dict, env_extra: dict, tmp) -> dict:
-    (tmp / "runner.py").write_text(runner)
-    torch.save(job, tmp / "job.pt")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_")}
-    env.update(RWKV_CUDA_ON="0", RWKV_JIT_ON="0", OMP_NUM_THREADS="1", **env_extra)
-    cmd = [sys.executable, str(tmp / "runner.py"), str(tmp / "job.pt"), str(tmp / "out.pt")]
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
-    assert p.returncode == 0, f"rwkv package failed:\n{p.stdout.decode(errors='replace')[-3000:]}"
-    return torch.load(tmp / "out.pt", weights_only=False)
-
-
 @pytest.fixture(scope="module")
 def x070_path(tmp_path_factory):
     """A synthetic RWKV-7 checkpoint with the World vocabulary, saved as model.pth."""
@@ -167,8 +152,6 @@ def old_paths(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pkg_v7(x070_path, tmp_path_factory):
     """The package's results for the README calls (RWKV_V7_ON=1)."""
-    if not HAS_RWKV:
-        pytest.fail("the rwkv pip package (0.8.32) is needed: pip install -e '.[dev]'")
     job = {
         "model": str(x070_path.with_suffix("")),
         "ctx": CTX,
@@ -176,21 +159,19 @@ def pkg_v7(x070_path, tmp_path_factory):
         "count": GEN_TOKENS,
         "seed": SEED,
     }
-    return run_package(V7_RUNNER, job, {"RWKV_V7_ON": "1"}, tmp_path_factory.mktemp("pkg7"))
+    return rwkv_package.run(V7_RUNNER, job, tmp_path_factory.mktemp("pkg7"), v7=True)
 
 
 @pytest.fixture(scope="module")
 def pkg_old(old_paths, tmp_path_factory):
     """The package's RWKV-6 / RWKV-4 forward results and its layer plans (RWKV_V7_ON unset)."""
-    if not HAS_RWKV:
-        pytest.fail("the rwkv pip package (0.8.32) is needed: pip install -e '.[dev]'")
     job = {
         "models": {name: str(old_paths[name]) for name in OLD},
         "tokens": torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(5)).tolist(),
         "plan_model": str(old_paths["plan"].with_suffix("")),
         "strategies": PLAN_STRATEGIES,
     }
-    out = run_package(OLD_RUNNER, job, {}, tmp_path_factory.mktemp("pkgold"))
+    out = rwkv_package.run(OLD_RUNNER, job, tmp_path_factory.mktemp("pkgold"), v7=False)
     out["tokens"] = job["tokens"]
     return out
 

@@ -8,11 +8,8 @@ trained net (`synthetic_state_dict`, specs §5), so fp32 implementations agree t
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +28,7 @@ from rwkv_mm.lm.checkpoint import (
 )
 from rwkv_mm.lm.compat import state_from_package
 from rwkv_mm.lm.model import RWKVLM
+from tests import rwkv_package
 
 torch.set_num_threads(1)
 
@@ -49,7 +47,6 @@ STATE_TUNED = {"x052-state": "x052", "x060-state": "x060", "x070-state": "x070"}
 LOGIT_TOL = 1e-4  # max |Δ logits| / std(logits), fp32
 STATE_TOL = 1e-4  # max |Δ| / max |ref| per state tensor
 
-HAS_RWKV = importlib.util.find_spec("rwkv") is not None
 
 PIP_RUNNER = r"""
 import copy, sys, torch
@@ -133,11 +130,7 @@ def tokens():
 @pytest.fixture(scope="module")
 def pip_results(files, tokens, tmp_path_factory):
     """The package's logits and states for every checkpoint: two subprocesses run side by side."""
-    if not HAS_RWKV:
-        pytest.skip("the rwkv pip package (0.8.32) is not installed")
-    d = tmp_path_factory.mktemp("pip")
-    (d / "runner.py").write_text(PIP_RUNNER)
-    jobs = {"v7": {}, "old": {}}
+    jobs: dict[str, dict] = {"v7": {}, "old": {}}
     for name, path in files.items():
         base = STATE_TUNED.get(name, name)
         job = {"model": str(path.with_suffix("")), "tokens": tokens}
@@ -145,20 +138,13 @@ def pip_results(files, tokens, tmp_path_factory):
             cfg = CONFIGS[base]
             job.update(state_file=str(path.with_suffix(".state.pth")), n_embd=cfg.n_embd, n_layer=cfg.n_layer)
         jobs["v7" if base == "x070" else "old"][name] = job
-    procs = {}
-    for group, group_jobs in jobs.items():
-        torch.save(group_jobs, d / f"{group}.jobs")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_")}
-        env.update(RWKV_CUDA_ON="0", RWKV_JIT_ON="0", OMP_NUM_THREADS="1")
-        if group == "v7":
-            env["RWKV_V7_ON"] = "1"
-        cmd = [sys.executable, str(d / "runner.py"), str(d / f"{group}.jobs"), str(d / f"{group}.out")]
-        procs[group] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs = [
+        rwkv_package.start(PIP_RUNNER, group_jobs, tmp_path_factory.mktemp(f"pip-{group}"), v7=group == "v7")
+        for group, group_jobs in jobs.items()
+    ]
     results = {}
-    for group, p in procs.items():
-        log = p.communicate(timeout=300)[0].decode(errors="replace")
-        assert p.returncode == 0, f"rwkv package ({group}) failed:\n{log[-3000:]}"
-        results.update(torch.load(d / f"{group}.out"))
+    for proc, out in procs:
+        results.update(rwkv_package.finish(proc, out, timeout=300))
     return results
 
 
