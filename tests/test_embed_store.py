@@ -7,6 +7,7 @@ mid-run, one is searched while it runs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -107,6 +108,22 @@ def test_index_update_search_and_status(tmp_path, emb):
     assert s["model_id"] == emb.model_id and s["dim"] == emb.dim
     assert_consistent(tmp_path / ".rwkv-embed", [docs], tmp_path)
     assert_matches_brute_force(tmp_path / ".rwkv-embed", emb, k=7)
+
+
+def test_new_index_chunks_at_the_embedders_size(tmp_path, emb):
+    """An embedder's ``chunk_chars`` sets a new index's chunk size; an explicit chunker wins; without the
+    attribute the ChunkConfig default holds, and the size is kept in config.json for later runs."""
+    docs = tmp_path / "docs"
+    write_corpus(docs, 6, paragraphs=8)
+    short = HashEmbedder()
+    short.chunk_chars = 120
+    cases = [(short, None, 120), (short, ChunkConfig(max_chars=300), 300), (emb, None, ChunkConfig.max_chars)]
+    for n, (embedder, chunker, size) in enumerate(cases):
+        path = tmp_path / f"index{n}"
+        with Index.open_or_create(path, embedder, root=tmp_path, chunker=chunker) as index:
+            index.update(docs)
+        assert json.loads((path / "config.json").read_text())["chunker"]["max_chars"] == size
+        assert_consistent(path, [docs], tmp_path, ChunkConfig(max_chars=size))
 
 
 def test_incremental_update_skips_unchanged_and_reuses_vectors(tmp_path, emb):

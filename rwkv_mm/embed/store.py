@@ -425,7 +425,7 @@ class Index:
             root (path, optional): the folder paths are stored relative to; new indexes only. Defaults to None
                 (the index folder's parent).
             chunker (ChunkConfig, optional): chunk size and overlap; new indexes only. Defaults to None
-                (``ChunkConfig()``).
+                (``ChunkConfig()``, with the embedder's ``chunk_chars`` as the size where it has one).
             nlist (int, optional): IVF cells. Defaults to None (4·sqrt(N)).
             nprobe (int, optional): IVF cells visited per query. Defaults to None (max(16, nlist/32)).
 
@@ -493,7 +493,7 @@ class Index:
                 "model": spec,
             },
             "normalize": True,
-            "chunker": asdict(chunker or ChunkConfig()),
+            "chunker": asdict(chunker or ChunkConfig(getattr(emb, "chunk_chars", ChunkConfig.max_chars))),
             "index": {
                 "kind": "flat",
                 "requested": kind,
