@@ -10,11 +10,14 @@ Sources (specs/embed.md §6; every one allows shipping a model trained on it):
 | sword-text-web   | SWORD zText module engWEB2015eb (World English Bible) | public domain              |
 | python3.11-doc   | ``usr/share/doc/python3.11-doc/html/**/*.html`` ``<p>`` | PSF License Agreement v2 |
 
-GPL texts (GCIDE, debian-reference) and fortunes (mixed licences) are left out on purpose.
+GPL texts (GCIDE, debian-reference) and fortunes (mixed licences) are left out on purpose. Plain
+descriptive sentences generated from WordNet's verb frames (`rwkv_mm.embed.frames`) add the register the
+sources lack.
 
 ``build`` writes, under ``out``:
 - ``sentences.tsv``: ``source<TAB>text``, deduplicated, the texts the teacher labels;
-- ``pairs.tsv``: ``kind<TAB>a<TAB>b`` positive pairs (WordNet example -> definition, KJV -> WEB verse);
+- ``pairs.tsv``: ``kind<TAB>a<TAB>b`` positive pairs (WordNet example -> definition, KJV -> WEB verse,
+  a verb-frame sentence -> the same with a synonym of the verb);
 - ``heldout.tsv``: ``synset<TAB>lemma<TAB>definition<TAB>example`` WordNet synsets that never reach training
   (no text of theirs is in sentences.tsv or pairs.tsv): the retrieval evaluation;
 - ``stats.json``: counts per source.
@@ -41,6 +44,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+
+from .frames import frame_sentences
 
 __all__ = ["Synset", "build", "read_kjv", "read_python_docs", "read_web", "read_wordnet"]
 
@@ -84,14 +89,21 @@ def fetch(root: str | Path, packages: tuple[str, ...] = PACKAGES) -> Path:
 # WordNet
 
 
+POINTER_POS = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
+
+
 @dataclass
 class Synset:
-    """One WordNet synset: id ``pos:offset``, its lemmas (spaces for underscores), definition, examples."""
+    """One WordNet synset: id ``pos:offset``, its lemmas (spaces for underscores), definition, examples,
+    pointers ``(symbol, target id)`` (``@`` hypernym, ``~`` hyponym, ...; wninput(5WN)) and, for verbs, the
+    numbers of its generic sentence frames ("Somebody ----s something" = 8)."""
 
     id: str
     lemmas: list[str]
     definition: str
     examples: list[str] = field(default_factory=list)
+    pointers: list[tuple[str, str]] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)
 
 
 def _split_gloss(gloss: str) -> tuple[str, list[str]]:
@@ -117,9 +129,16 @@ def read_wordnet(root: str | Path) -> list[Synset]:
                 fields = head.split()
                 n = int(fields[3], 16)
                 lemmas = [re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ") for i in range(n)]
+                at = 4 + 2 * n  # p_cnt, then (symbol, offset, pos, source/target) per pointer
+                n_ptr = int(fields[at])
+                ptrs = [fields[at + 1 + 4 * i : at + 4 + 4 * i] for i in range(n_ptr)]
+                pointers = [(sym, f"{POINTER_POS[p]}:{off}") for sym, off, p in ptrs]
+                at += 1 + 4 * n_ptr  # verbs: f_cnt, then ("+", frame number, word number) per frame
+                n_frames = int(fields[at]) if pos == "verb" else 0
+                frames = [int(fields[at + 2 + 3 * i]) for i in range(n_frames)]
                 definition, examples = _split_gloss(gloss.strip())
                 if definition:
-                    out.append(Synset(f"{pos}:{fields[0]}", lemmas, definition, examples))
+                    out.append(Synset(f"{pos}:{fields[0]}", lemmas, definition, examples, pointers, frames))
     logger.info("wordnet: %d synsets", len(out))
     return out
 
@@ -274,7 +293,12 @@ def _clean(text: str) -> str:
 
 
 def build(
-    root: str | Path, out: str | Path, n_heldout: int = 2000, seed: int = 0, shuffle_from: int = 40000
+    root: str | Path,
+    out: str | Path,
+    n_heldout: int = 2000,
+    seed: int = 0,
+    shuffle_from: int = 40000,
+    frames_per_verb: int = 2,
 ) -> dict[str, int]:
     """Extract every source under ``root`` and write the files of the module docstring into ``out``.
 
@@ -331,6 +355,13 @@ def build(
     rest = sentences[shuffle_from:]
     random.Random(1).shuffle(rest)
     sentences = sentences[:shuffle_from] + rest
+    if frames_per_verb:  # last, so that the rows before keep their places (and their teacher vectors)
+        framed, framed_pairs = frame_sentences(synsets, root, held_ids, frames_per_verb, seed=seed)
+        for text in framed:
+            add("wordnet-frames", text)
+        pairs += [("frames", a, b) for a, b in framed_pairs]
+        for _, b in framed_pairs:
+            add("wordnet-frames", b)
     with open(out / "sentences.tsv", "w", encoding="utf-8") as f:
         for source, text in sentences:
             f.write(f"{source}\t{text}\n")
@@ -347,6 +378,7 @@ def build(
         sentences=len(sentences),
         pairs_wordnet=sum(k == "wordnet" for k, _, _ in pairs),
         pairs_bible=sum(k == "bible" for k, _, _ in pairs),
+        pairs_frames=sum(k == "frames" for k, _, _ in pairs),
         heldout_synsets=len(heldout),
         kjv_verses=len(kjv),
         web_verses=len(web),
@@ -369,12 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("out")
     p_build.add_argument("--heldout", type=int, default=2000)
     p_build.add_argument("--seed", type=int, default=0)
+    p_build.add_argument("--frames-per-verb", type=int, default=2, help="verb-frame sentences per verb lemma")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command == "fetch":
         fetch(args.root)
     else:
-        print(json.dumps(build(args.root, args.out, args.heldout, args.seed), indent=2))
+        stats = build(args.root, args.out, args.heldout, args.seed, frames_per_verb=args.frames_per_verb)
+        print(json.dumps(stats, indent=2))
     return 0
 
 

@@ -23,6 +23,12 @@ SOURCES = [
     ("kjv", "King James Version verses", "bible-kjv-text 4.38 (+ bible-kjv reader)", "public domain"),
     ("web", "World English Bible verses", "sword-text-web 426.0-1 (engWEB2015eb)", "public domain"),
     ("python-docs", "Python 3.11 documentation prose", "python3.11-doc 3.11.2-6+deb12u9", "PSF License v2"),
+    (
+        "wordnet-frames",
+        "Sentences generated from WordNet verb frames (rwkv_mm/embed/frames.py)",
+        "wordnet-base 1:3.0-37",
+        "WordNet 3.0 licence",
+    ),
 ]
 
 WORDNET_NOTICE = """WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved.
@@ -96,6 +102,8 @@ def write_provenance(
         "|---|---|---|---|",
     ]
     for key, what, pkg, lic in SOURCES:
+        if stats and key not in stats:
+            continue  # a source this run's data did not have
         lines.append(f"| {what} | {pkg} | {lic} | {_n(stats.get(key, '?'))} |")
     labelled = ckpt.get("labelled")
     lines += [
@@ -107,8 +115,13 @@ def write_provenance(
             else ""
         )
         + f". Contrastive pairs: {_n(stats.get('pairs_wordnet', '?'))} WordNet example -> definition, "
-        f"{_n(stats.get('pairs_bible', '?'))} KJV -> WEB verse (aligned by reference). "
-        f"**Held out**: {_n(stats.get('heldout_synsets', '?'))} WordNet synsets (random, seed 0) whose "
+        f"{_n(stats.get('pairs_bible', '?'))} KJV -> WEB verse (aligned by reference)"
+        + (
+            f", {_n(stats['pairs_frames'])} verb-frame sentence -> the same with a synonym of the verb. "
+            if stats.get("pairs_frames")
+            else ". "
+        )
+        + f"**Held out**: {_n(stats.get('heldout_synsets', '?'))} WordNet synsets (random, seed 0) whose "
         "definitions and examples appear in no training text: the retrieval evaluation. STS-B was used for "
         "evaluation only "
         "(dev for choosing the read-out, test for the report).",
