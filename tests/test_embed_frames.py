@@ -7,7 +7,7 @@ import re
 import pytest
 
 from rwkv_mm.embed import corpus
-from rwkv_mm.embed.frames import frame_sentences, inflect
+from rwkv_mm.embed.frames import frame_sentences, inflect, question_pairs
 
 HEADER = "  1 This software and database is being provided to you, the LICENSEE, by\n"
 NOUNS = [  # physical_entity -> {person -> {man, woman}, guitar, car}
@@ -40,10 +40,13 @@ def wordnet(tmp_path):
     folder.mkdir(parents=True)
     (folder / "data.noun").write_text(HEADER + "".join(line + "\n" for line in NOUNS))
     (folder / "data.verb").write_text(HEADER + "".join(line + "\n" for line in VERBS))
-    for pos in ("adj", "adv"):
-        (folder / f"data.{pos}").write_text(HEADER)
+    (folder / "data.adj").write_text(HEADER + "01644225 00 a 01 old 0 000 | having lived for a long time  \n")
+    (folder / "data.adv").write_text(HEADER)
     (folder / "index.noun").write_text("".join(line + "\n" for line in INDEX_NOUN))
+    (folder / "index.verb").write_text("fix v 1 1 @ 1 9 00260622\nplay v 1 1 @ 1 0 01730060\n")
+    (folder / "index.adj").write_text("old a 1 0 1 12 01644225\n")
     (folder / "verb.exc").write_text("ran run\nrunning run\n")
+    (folder / "noun.exc").write_text("men man\nwomen woman\n")
     return tmp_path
 
 
@@ -104,3 +107,27 @@ def test_same_seed_same_sentences(wordnet):
     synsets = corpus.read_wordnet(wordnet)
     first = frame_sentences(synsets, wordnet, set(), seed=3)
     assert first == frame_sentences(synsets, wordnet, set(), seed=3)
+
+
+def test_rich_style_adds_adjectives_plurals_and_second_clauses(wordnet):
+    synsets = corpus.read_wordnet(wordnet)
+    sentences, pairs = frame_sentences(synsets, wordnet, set(), per_verb=40, seed=4, rich=True)
+    text = " ".join(sentences)
+    assert " old " in text and re.search(r"\b(two|three|some|the|several|many) (men|women|persons)\b", text)
+    assert any(re.search(r"(, while | and |, and then | because )", s) for s in sentences)
+    for s in sentences:  # a plural subject agrees with its verb
+        first = re.split(r"(, while | and |, and then | because )", s[0].lower() + s[1:-1])[0]
+        m = re.match(r"(two|three|some|several|many) (old )?(men|women|persons) (\w+)", first)
+        if m:
+            assert m.group(4) in ("are", "play", "played", "fix", "fixed", "repair", "repaired", "run"), s
+    assert "runned" not in text and len(pairs) == 40
+
+
+def test_question_pairs_ask_for_the_definition(wordnet):
+    synsets = corpus.read_wordnet(wordnet)
+    pairs = dict(question_pairs(synsets, wordnet, held_ids={"noun:10787470"}))
+    assert pairs["What is a man?"] == "an adult male"
+    assert pairs["What is a car?"] == "a motor vehicle"
+    assert pairs["What does it mean to fix?"] == "restore by replacing a part"
+    assert "What is a woman?" not in pairs  # held out
+    assert "What does it mean to play?" not in pairs  # never sense-tagged: not a common sense

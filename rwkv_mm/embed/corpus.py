@@ -11,13 +11,13 @@ Sources (specs/embed.md §6; every one allows shipping a model trained on it):
 | python3.11-doc   | ``usr/share/doc/python3.11-doc/html/**/*.html`` ``<p>`` | PSF License Agreement v2 |
 
 GPL texts (GCIDE, debian-reference) and fortunes (mixed licences) are left out on purpose. Plain
-descriptive sentences generated from WordNet's verb frames (`rwkv_mm.embed.frames`) add the register the
-sources lack.
+descriptive sentences generated from WordNet's verb frames and "What is a ...?" questions
+(`rwkv_mm.embed.frames`) add the registers the sources lack.
 
 ``build`` writes, under ``out``:
 - ``sentences.tsv``: ``source<TAB>text``, deduplicated, the texts the teacher labels;
 - ``pairs.tsv``: ``kind<TAB>a<TAB>b`` positive pairs (WordNet example -> definition, KJV -> WEB verse,
-  a verb-frame sentence -> the same with a synonym of the verb);
+  a verb-frame sentence -> the same with a synonym of the verb, a question -> the definition);
 - ``heldout.tsv``: ``synset<TAB>lemma<TAB>definition<TAB>example`` WordNet synsets that never reach training
   (no text of theirs is in sentences.tsv or pairs.tsv): the retrieval evaluation;
 - ``stats.json``: counts per source.
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
-from .frames import frame_sentences
+from .frames import frame_sentences, question_pairs
 
 __all__ = ["Synset", "build", "read_kjv", "read_python_docs", "read_web", "read_wordnet"]
 
@@ -299,6 +299,8 @@ def build(
     seed: int = 0,
     shuffle_from: int = 40000,
     frames_per_verb: int = 2,
+    rich_frames_per_verb: int = 2,
+    questions: bool = True,
 ) -> dict[str, int]:
     """Extract every source under ``root`` and write the files of the module docstring into ``out``.
 
@@ -355,13 +357,23 @@ def build(
     rest = sentences[shuffle_from:]
     random.Random(1).shuffle(rest)
     sentences = sentences[:shuffle_from] + rest
-    if frames_per_verb:  # last, so that the rows before keep their places (and their teacher vectors)
-        framed, framed_pairs = frame_sentences(synsets, root, held_ids, frames_per_verb, seed=seed)
-        for text in framed:
-            add("wordnet-frames", text)
-        pairs += [("frames", a, b) for a, b in framed_pairs]
-        for _, b in framed_pairs:
-            add("wordnet-frames", b)
+    # generated text last, each block after the one before, so that earlier rows keep their places (and
+    # their teacher vectors) when a block is added
+    for source, n, rich in (
+        ("wordnet-frames", frames_per_verb, False),
+        ("wordnet-frames-rich", rich_frames_per_verb, True),
+    ):
+        if n:
+            framed, framed_pairs = frame_sentences(synsets, root, held_ids, n, seed=seed + rich, rich=rich)
+            for text in framed:
+                add(source, text)
+            pairs += [("frames", a, b) for a, b in framed_pairs]
+            for _, b in framed_pairs:
+                add(source, b)
+    if questions:
+        for q, definition in question_pairs(synsets, root, held_ids):
+            add("wordnet-questions", q)
+            pairs.append(("questions", q, _clean(definition)))
     with open(out / "sentences.tsv", "w", encoding="utf-8") as f:
         for source, text in sentences:
             f.write(f"{source}\t{text}\n")
@@ -379,6 +391,7 @@ def build(
         pairs_wordnet=sum(k == "wordnet" for k, _, _ in pairs),
         pairs_bible=sum(k == "bible" for k, _, _ in pairs),
         pairs_frames=sum(k == "frames" for k, _, _ in pairs),
+        pairs_questions=sum(k == "questions" for k, _, _ in pairs),
         heldout_synsets=len(heldout),
         kjv_verses=len(kjv),
         web_verses=len(web),
@@ -402,12 +415,22 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--heldout", type=int, default=2000)
     p_build.add_argument("--seed", type=int, default=0)
     p_build.add_argument("--frames-per-verb", type=int, default=2, help="verb-frame sentences per verb lemma")
+    p_build.add_argument("--rich-frames-per-verb", type=int, default=2, help="the same, rich style")
+    p_build.add_argument("--no-questions", action="store_true", help="no 'What is a ...?' questions")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command == "fetch":
         fetch(args.root)
     else:
-        stats = build(args.root, args.out, args.heldout, args.seed, frames_per_verb=args.frames_per_verb)
+        stats = build(
+            args.root,
+            args.out,
+            args.heldout,
+            args.seed,
+            frames_per_verb=args.frames_per_verb,
+            rich_frames_per_verb=args.rich_frames_per_verb,
+            questions=not args.no_questions,
+        )
         print(json.dumps(stats, indent=2))
     return 0
 

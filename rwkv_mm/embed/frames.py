@@ -19,13 +19,14 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # corpus.build imports this module
     from .corpus import Synset
 
-__all__ = ["FRAMES", "common_senses", "frame_sentences", "inflect"]
+__all__ = ["FRAMES", "common_senses", "frame_sentences", "inflect", "question_pairs"]
 
 PERSON = "noun:00007846"  # person.n.01
 PHYSICAL_ENTITY = "noun:00001930"  # physical_entity.n.01
@@ -120,8 +121,22 @@ def _descendants(root_id: str, by_id: dict[str, Synset]) -> set[str]:
     return seen
 
 
-class _NounPool:
-    """Weighted sampling of "a/the <noun>" phrases among the common senses of a set of noun synsets."""
+def _plural(noun: str, irregular: dict[str, str]) -> str:
+    """The plural of a noun (its last word): WordNet's exception list (noun.exc), else the spelling rules."""
+    *first, last = noun.split(" ")
+    if last in irregular:
+        last = irregular[last]
+    elif re.search(r"(s|x|z|ch|sh)$", last):
+        last += "es"
+    elif re.search(r"[^aeiou]y$", last):
+        last = last[:-1] + "ies"
+    else:
+        last += "s"
+    return " ".join([*first, last])
+
+
+class _Pool:
+    """Weighted sampling among the common senses of a set of synsets' lemmas."""
 
     def __init__(self, synsets: Iterable[Synset], weights: dict[str, float]) -> None:
         self.words: list[str] = []
@@ -135,30 +150,83 @@ class _NounPool:
                     self.words.append(lemma)
                     self.cum.append(total)
 
-    def phrase(self, rng: random.Random) -> str:
-        word = rng.choices(self.words, cum_weights=self.cum)[0]
+    def draw(self, rng: random.Random) -> str:
+        return rng.choices(self.words, cum_weights=self.cum)[0]
+
+
+@dataclass
+class _Words:
+    """What the frames are filled with. `adjectives` and `plurals` are used by the rich style only."""
+
+    people: _Pool
+    things: _Pool
+    irregular_verbs: set[str]  # verb.exc: no -ed form by rule
+    adjectives: _Pool | None = None
+    plurals: dict[str, str] = field(default_factory=dict)
+
+    def forms(self, verb: str) -> tuple[str, ...]:
+        """The forms of `verb` made by rule: irregular verbs get no -ed form."""
+        return ("3sg", "ing") if verb.split()[0] in self.irregular_verbs else ("3sg", "ing", "ed")
+
+    def phrase(self, pool: _Pool, rng: random.Random, rich: bool, plural: bool = False) -> str:
+        """ "the man", "a guitar"; rich: sometimes an adjective, and "two men" when `plural`."""
+        word = pool.draw(rng)
+        if rich and rng.random() < 0.35:
+            word = f"{self.adjectives.draw(rng)} {word}"
+        if plural:
+            quantity = rng.choice(("two", "three", "some", "the", "several", "many"))
+            return f"{quantity} {_plural(word, self.plurals)}"
         det = rng.choice(("the", "a", "a", "his", "her", "their"))
         if det == "a" and word[0] in "aeiou":
             det = "an"
         return f"{det} {word}"
 
 
-def _sentence(template: str, verb: str, form: str, people: _NounPool, things: _NounPool, rng) -> str:
-    """One sentence of a frame: the slots filled, the verb in `form` ("3sg", "ing" or "ed")."""
-    words = []
-    for slot in template.split():
-        if slot == "S":
-            words.append(people.phrase(rng))
-        elif slot == "T":
-            words.append(things.phrase(rng))
+def _clause(template: str, verb: str, form: str, words: _Words, rng: random.Random, rich: bool) -> str:
+    """One frame with its slots filled, the verb in `form` ("3sg", "ing" or "ed"), agreeing with a plural
+    subject (rich style: 30 % of the subjects)."""
+    plural = rich and rng.random() < 0.3
+    out = []
+    for i, slot in enumerate(template.split()):
+        if slot in ("S", "T"):
+            pool = words.people if slot == "S" else words.things
+            out.append(words.phrase(pool, rng, rich, plural=plural and i == 0))
         elif slot == "P":
-            words.append(rng.choice(PREPOSITIONS))
+            out.append(rng.choice(PREPOSITIONS))
+        elif slot == "V" and form == "ing":
+            out.append(f"{'are' if plural else 'is'} {inflect(verb, 'ing')}")
         elif slot == "V":
-            words.append(f"is {inflect(verb, 'ing')}" if form == "ing" else inflect(verb, form))
+            out.append(verb if plural and form == "3sg" else inflect(verb, form))
         else:
-            words.append(slot)
-    text = " ".join(words)
+            out.append(slot)
+    return " ".join(out)
+
+
+@dataclass
+class _Verb:
+    lemmas: list[str]
+    templates: list[str]
+
+
+def _sentence(verb: str, template: str, form: str, words: _Words, verbs: list[_Verb], rng, rich: bool) -> str:
+    """A frame sentence; rich style: 30 % get a second clause ("..., while two women are singing.")."""
+    text = _clause(template, verb, form, words, rng, rich)
+    if rich and rng.random() < 0.3:
+        other = rng.choice(verbs)
+        lemma = rng.choice(other.lemmas)
+        second = _clause(rng.choice(other.templates), lemma, rng.choice(words.forms(lemma)), words, rng, rich)
+        text += rng.choice((", while ", " and ", ", and then ", " because ")) + second
     return text[0].upper() + text[1:] + "."
+
+
+def _read_exceptions(root: str | Path, pos: str) -> dict[str, str]:
+    """WordNet's ``{pos}.exc`` (``inflected base...``): a line's last base form -> its inflected form."""
+    out: dict[str, str] = {}
+    with open(Path(root) / "usr/share/wordnet" / f"{pos}.exc", encoding="utf-8") as f:
+        for line in f:
+            words = line.split()
+            out.setdefault(words[-1].replace("_", " "), words[0].replace("_", " "))
+    return out
 
 
 def frame_sentences(
@@ -168,16 +236,18 @@ def frame_sentences(
     per_verb: int = 2,
     min_tagged: int = 3,
     seed: int = 0,
+    rich: bool = False,
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Sentences from the verb frames, and paraphrase pairs (two lemmas of one verb synset).
 
     Args:
         synsets: every WordNet synset (`corpus.read_wordnet`).
-        root: the unpacked packages (for WordNet's index files).
+        root: the unpacked packages (for WordNet's index and exception files).
         held_ids: synsets that must lend no word.
         per_verb: sentences per (verb synset, lemma).
-        min_tagged: nouns are the common senses of lemmas sense-tagged at least this often.
+        min_tagged: nouns (and adjectives) are the common senses of lemmas sense-tagged at least this often.
         seed: the random seed.
+        rich: also adjectives, plural subjects ("two men are ...") and two-clause sentences.
 
     Returns:
         (sentences, pairs): sentences in generation order; pairs as (sentence, paraphrase).
@@ -187,35 +257,61 @@ def frame_sentences(
     weights = common_senses(root, "noun", min_tagged)
     person_ids = _descendants(PERSON, by_id) - held_ids
     thing_ids = _descendants(PHYSICAL_ENTITY, by_id) - person_ids - held_ids
-    people = _NounPool((by_id[i] for i in sorted(person_ids)), weights)
-    things = _NounPool((by_id[i] for i in sorted(thing_ids)), weights)
-    exceptions = set()
-    with open(Path(root) / "usr/share/wordnet/verb.exc", encoding="utf-8") as f:
-        for line in f:
-            exceptions.add(line.split()[-1].replace("_", " "))
-    sentences: list[str] = []
-    pairs: list[tuple[str, str]] = []
+    words = _Words(
+        _Pool((by_id[i] for i in sorted(person_ids)), weights),
+        _Pool((by_id[i] for i in sorted(thing_ids)), weights),
+        set(_read_exceptions(root, "verb")),
+    )
+    if rich:
+        adj_weights = common_senses(root, "adj", min_tagged)
+        words.adjectives = _Pool(
+            (s for s in synsets if s.id.startswith("adj:") and s.id not in held_ids), adj_weights
+        )
+        words.plurals = _read_exceptions(root, "noun")
+    verbs = []
     for s in synsets:
         if not s.id.startswith("verb:") or s.id in held_ids:
             continue
         templates = [FRAMES[f] for f in dict.fromkeys(s.frames) if f in FRAMES]
         lemmas = [lemma for lemma in s.lemmas if re.fullmatch(r"[a-z][a-z -]*", lemma)]
-        if not templates or not lemmas:
-            continue
-        for lemma in lemmas:
-            forms = ("3sg", "ing") if lemma.split()[0] in exceptions else ("3sg", "ing", "ed")
+        if templates and lemmas:
+            verbs.append(_Verb(lemmas, templates))
+    sentences: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    for verb in verbs:
+        for lemma in verb.lemmas:
+            forms = words.forms(lemma)
             for _ in range(per_verb):
                 state = rng.getstate()
-                template, form = rng.choice(templates), rng.choice(forms)
-                sentences.append(_sentence(template, lemma, form, people, things, rng))
-                others = [
-                    o for o in lemmas if o != lemma and (form != "ed" or o.split()[0] not in exceptions)
-                ]
-                if others and lemma == lemmas[0]:
+                template, form = rng.choice(verb.templates), rng.choice(forms)
+                sentences.append(_sentence(lemma, template, form, words, verbs, rng, rich))
+                others = [o for o in verb.lemmas if o != lemma and form in words.forms(o)]
+                if others and lemma == verb.lemmas[0]:
                     after = rng.getstate()
                     other = rng.choice(others)
                     rng.setstate(state)  # the same template, form and nouns with the other lemma
-                    rng.choice(templates), rng.choice(forms)
-                    pairs.append((sentences[-1], _sentence(template, other, form, people, things, rng)))
+                    rng.choice(verb.templates), rng.choice(forms)
+                    pairs.append((sentences[-1], _sentence(other, template, form, words, verbs, rng, rich)))
                     rng.setstate(after)
     return sentences, pairs
+
+
+def question_pairs(
+    synsets: list[Synset], root: str | Path, held_ids: set[str], min_tagged: int = 1
+) -> list[tuple[str, str]]:
+    """("What is a guitar?", its definition) for the common senses of nouns, ("What does it mean to
+    fix?", its definition) for verbs: the register of search queries, paired with the answer."""
+    weights = {**common_senses(root, "noun", min_tagged), **common_senses(root, "verb", min_tagged)}
+    pairs = []
+    for s in synsets:
+        pos = s.id.split(":")[0]
+        if pos not in ("noun", "verb") or s.id in held_ids:
+            continue
+        for lemma in s.lemmas:
+            if weights.get(f"{s.id} {lemma.lower()}") and re.fullmatch(r"[a-z][a-z -]*", lemma):
+                if pos == "verb":
+                    pairs.append((f"What does it mean to {lemma}?", s.definition))
+                else:
+                    pairs.append((f"What is {'an' if lemma[0] in 'aeiou' else 'a'} {lemma}?", s.definition))
+                break
+    return pairs

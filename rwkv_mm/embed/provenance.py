@@ -29,6 +29,18 @@ SOURCES = [
         "wordnet-base 1:3.0-37",
         "WordNet 3.0 licence",
     ),
+    (
+        "wordnet-frames-rich",
+        "The same with adjectives, plural subjects, two clauses",
+        "wordnet-base 1:3.0-37",
+        "WordNet 3.0 licence",
+    ),
+    (
+        "wordnet-questions",
+        '"What is a ...?" questions of WordNet lemmas',
+        "wordnet-base 1:3.0-37",
+        "WordNet 3.0 licence",
+    ),
 ]
 
 WORDNET_NOTICE = """WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved.
@@ -117,10 +129,12 @@ def write_provenance(
         + f". Contrastive pairs: {_n(stats.get('pairs_wordnet', '?'))} WordNet example -> definition, "
         f"{_n(stats.get('pairs_bible', '?'))} KJV -> WEB verse (aligned by reference)"
         + (
-            f", {_n(stats['pairs_frames'])} verb-frame sentence -> the same with a synonym of the verb. "
+            f", {_n(stats['pairs_frames'])} verb-frame sentence -> the same with a synonym of the verb"
             if stats.get("pairs_frames")
-            else ". "
+            else ""
         )
+        + (f", {_n(stats['pairs_questions'])} question -> definition" if stats.get("pairs_questions") else "")
+        + ". "
         + f"**Held out**: {_n(stats.get('heldout_synsets', '?'))} WordNet synsets (random, seed 0) whose "
         "definitions and examples appear in no training text: the retrieval evaluation. STS-B was used for "
         "evaluation only "
