@@ -134,7 +134,7 @@ def test_inputs_without_grad_run_forward_only(wkv6_cpp: Callable) -> None:
     assert_close("state", s_ref, s, 1e-5)
 
 
-def test_mixed_dtypes_and_strided_wkv6_decay_inputs(wkv6_cpp: Callable) -> None:
+def test_mixed_dtypes_and_strided_inputs(wkv6_cpp: Callable) -> None:
     """Inputs of different dtypes and non-contiguous views are converted, not rejected."""
     x = wkv6_decay_inputs(2, 30, 2, 16, torch.float32)
     x["u"] = x["u"].double()
