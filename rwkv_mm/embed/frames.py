@@ -9,9 +9,11 @@ or the other physical entities ("something"), common nouns only (a frequent lemm
 senses, weighted by WordNet's sense-tagged counts); the verb is inflected by rule (present, progressive,
 past), irregular verbs only in the forms that need no exception list. For a verb synset with several
 lemmas, the same sentence with two of them is a paraphrase pair ("A man is fixing the car." / "A man is
-repairing the car.").
+repairing the car."). The rich style adds adjectives, plural subjects ("Two men are ...", the verb
+agreeing) and second clauses ("..., while ..."). `question_pairs` asks for a common noun or verb ("What is a
+guitar?") and pairs the question with the definition: the register of search queries.
 
-Held-out synsets (the retrieval evaluation) lend no verb and no noun.
+Held-out synsets (the retrieval evaluation) lend no word.
 """
 
 from __future__ import annotations
