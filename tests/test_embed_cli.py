@@ -71,6 +71,20 @@ def test_index_prints_one_summary_line_and_warns_on_skipped_files(work, capsys):
     assert summary["skipped"] == {"binary": 1, "invalid UTF-8": 1} and err == ""
 
 
+def test_chunk_chars_sets_a_new_index_chunk_size_only(work, capsys):
+    code, _, _ = run(capsys, "index", "docs", "--model", MODEL, "-q", "--chunk-chars", "120")
+    assert code == 0
+    config = json.loads((work / ".rwkv-embed" / "config.json").read_text())
+    assert config["chunker"]["max_chars"] == 120
+    assert max(len(row[5]) for row in index_rows(work / ".rwkv-embed")) <= 120
+    assert run(capsys, "index", "docs", "-q", "--chunk-chars", "120")[0] == 0  # the same size: fine
+    code, _, err = run(capsys, "index", "docs", "-q", "--chunk-chars", "300")
+    assert code == 2 and "chunks of 120 characters; --chunk-chars applies to a new index only" in err
+    with pytest.raises(SystemExit):
+        main(["index", "docs", "--chunk-chars", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+
+
 def test_search_prints_grep_like_lines_matching_brute_force(work, capsys):
     assert run(capsys, "index", "docs", "--model", MODEL, "-q")[0] == 0
     code, out, err = run(capsys, "search", "river mountain cloud", "-k", "4")

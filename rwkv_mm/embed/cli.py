@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from rwkv_mm.embed.ingest import ChunkConfig
 from rwkv_mm.embed.store import (
     EmbedderMismatchError,
     Index,
@@ -87,6 +88,16 @@ def _snippet(text: str, width: int = 80) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -114,7 +125,16 @@ def cmd_index(args: argparse.Namespace) -> int:
         model = json.loads((location / "config.json").read_text())["embedder"]["model"]
     kind = "ivf" if args.ivf else "auto"
     root = location.resolve().parent if args.shard else None
-    index = Index.open_or_create(path, embedder=model, kind=kind, shard=args.shard, root=root)
+    chunker = ChunkConfig(max_chars=args.chunk_chars) if args.chunk_chars else None
+    index = Index.open_or_create(
+        path, embedder=model, kind=kind, shard=args.shard, root=root, chunker=chunker
+    )
+    if chunker and index.chunker.max_chars != chunker.max_chars:
+        index.close()
+        raise UsageError(
+            f"{path} cuts files into chunks of {index.chunker.max_chars} characters; --chunk-chars applies "
+            "to a new index only (delete the index folder to rebuild it)"
+        )
     with index:
         for folder in args.dirs:
             stats = index.update(
@@ -264,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gitignore", action="store_true", help="index files that .gitignore excludes")
     p.add_argument("--shard", type=_parse_shard, metavar="I/N", help="index shard I of N (then `merge`)")
     p.add_argument("--ivf", action="store_true", help="use an IVF index now (default: above 200k chunks)")
+    p.add_argument(
+        "--chunk-chars",
+        type=_positive,
+        metavar="N",
+        help="chunk size of a new index in characters (default: the embedder's, else 1000)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     with_json(p, "print the summary as JSON")
     p.set_defaults(func=cmd_index)
