@@ -79,7 +79,7 @@ def test_chunk_chars_sets_a_new_index_chunk_size_only(work, capsys):
     assert max(len(row[5]) for row in index_rows(work / ".rwkv-embed")) <= 120
     assert run(capsys, "index", "docs", "-q", "--chunk-chars", "120")[0] == 0  # the same size: fine
     code, _, err = run(capsys, "index", "docs", "-q", "--chunk-chars", "300")
-    assert code == 2 and "chunks of 120 characters; --chunk-chars applies to a new index only" in err
+    assert code == 2 and "chunks of 120 characters; a chunk size applies to a new index only" in err
     with pytest.raises(SystemExit):
         main(["index", "docs", "--chunk-chars", "0"])
     assert "must be at least 1" in capsys.readouterr().err

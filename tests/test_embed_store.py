@@ -124,6 +124,9 @@ def test_new_index_chunks_at_the_embedders_size(tmp_path, emb):
             index.update(docs)
         assert json.loads((path / "config.json").read_text())["chunker"]["max_chars"] == size
         assert_consistent(path, [docs], tmp_path, ChunkConfig(max_chars=size))
+    Index.open_or_create(tmp_path / "index1", short, chunker=ChunkConfig(max_chars=300)).close()  # the same
+    with pytest.raises(store.ChunkerMismatchError, match="chunks of 300 characters"):
+        Index.open_or_create(tmp_path / "index1", short, chunker=ChunkConfig(max_chars=200))
 
 
 def test_incremental_update_skips_unchanged_and_reuses_vectors(tmp_path, emb):

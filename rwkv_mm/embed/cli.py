@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rwkv_mm.embed.ingest import ChunkConfig
 from rwkv_mm.embed.store import (
+    ChunkerMismatchError,
     EmbedderMismatchError,
     Index,
     IndexNotFoundError,
@@ -129,12 +130,6 @@ def cmd_index(args: argparse.Namespace) -> int:
     index = Index.open_or_create(
         path, embedder=model, kind=kind, shard=args.shard, root=root, chunker=chunker
     )
-    if chunker and index.chunker.max_chars != chunker.max_chars:
-        index.close()
-        raise UsageError(
-            f"{path} cuts files into chunks of {index.chunker.max_chars} characters; --chunk-chars applies "
-            "to a new index only (delete the index folder to rebuild it)"
-        )
     with index:
         for folder in args.dirs:
             stats = index.update(
@@ -332,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with logging_redirect_tqdm([log]):
             return args.func(args)
-    except (UsageError, EmbedderMismatchError, FileNotFoundError) as e:
+    except (UsageError, EmbedderMismatchError, ChunkerMismatchError, FileNotFoundError) as e:
         print(f"rwkv-embed: error: {e}", file=sys.stderr)
         return 2
     except StoreError as e:

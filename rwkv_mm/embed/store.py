@@ -88,6 +88,10 @@ class EmbedderMismatchError(StoreError, ValueError):
     """The embedder differs from the one the index was built with."""
 
 
+class ChunkerMismatchError(StoreError, ValueError):
+    """A chunker was given for an index that was built with another one."""
+
+
 class EmbedderLike(Protocol):
     """What the index needs from an embedder (``rwkv_mm.embed.Embedder`` and the tests' fake both fit)."""
 
@@ -424,14 +428,16 @@ class Index:
                 hash of each path picks its shard) and allocates ids ``I + N·k``. Defaults to None.
             root (path, optional): the folder paths are stored relative to; new indexes only. Defaults to None
                 (the index folder's parent).
-            chunker (ChunkConfig, optional): chunk size and overlap; new indexes only. Defaults to None
-                (``ChunkConfig()``, with the embedder's ``chunk_chars`` as the size where it has one).
+            chunker (ChunkConfig, optional): chunk size and overlap of a new index; an existing index
+                built with another one raises :class:`ChunkerMismatchError`. Defaults to None (a new index:
+                ``ChunkConfig()``, with the embedder's ``chunk_chars`` as the size where it has one).
             nlist (int, optional): IVF cells. Defaults to None (4·sqrt(N)).
             nprobe (int, optional): IVF cells visited per query. Defaults to None (max(16, nlist/32)).
 
         Raises:
             IndexLockedError: another process is writing to this index.
             EmbedderMismatchError: the embedder (loaded now for a new index) differs from the recorded one.
+            ChunkerMismatchError: `chunker` differs from the recorded one.
         """
         if kind not in ("auto", "flat", "ivf"):
             raise ValueError(f"kind must be one of 'auto', 'flat', 'ivf', got {kind!r}")
@@ -440,7 +446,7 @@ class Index:
         lock = _WriterLock(path / LOCK)
         try:
             if (path / CONFIG).exists():
-                index = cls._reopen(path, embedder, lock, kind, shard, nlist, nprobe)
+                index = cls._reopen(path, embedder, lock, kind, shard, chunker, nlist, nprobe)
             else:
                 index = cls._create(path, embedder, lock, kind, shard, root, chunker, nlist, nprobe)
         except BaseException:
@@ -451,11 +457,16 @@ class Index:
         return index
 
     @classmethod
-    def _reopen(cls, path, embedder, lock, kind, shard, nlist, nprobe) -> Index:
+    def _reopen(cls, path, embedder, lock, kind, shard, chunker, nlist, nprobe) -> Index:
         config = cls._read_config(path)
         if config.get("shard") != (list(shard) if shard else None):
             raise StoreError(
                 f"Index {path} holds shard {config.get('shard')}, not {list(shard) if shard else None}"
+            )
+        if chunker is not None and chunker != ChunkConfig(**config["chunker"]):
+            raise ChunkerMismatchError(
+                f"Index {path} cuts files into chunks of {config['chunker']['max_chars']} characters; a "
+                "chunk size applies to a new index only (delete the index folder to rebuild it)"
             )
         before = json.dumps(config)
         settings = config["index"]
