@@ -572,8 +572,7 @@ class VRWKV(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.patch_embed(x) if torch.is_grad_enabled() else self._patch_embed_bands(x)  # (B, h, w, C)
         grid = (x.shape[1], x.shape[2])
-        pos = resize_pos_embed(self.pos_embed, self.pos_embed_grid, grid)
-        x = x.flatten(1, 2) + pos if torch.is_grad_enabled() else x.flatten(1, 2).add_(pos)
+        x = _residual(resize_pos_embed(self.pos_embed, self.pos_embed_grid, grid), x.flatten(1, 2))
         return self.pos_drop(x), grid
 
     def _patch_embed_bands(self, x: torch.Tensor) -> torch.Tensor:
